@@ -1,0 +1,1 @@
+//! kubesim: an in-process Kubernetes API server for tests (being built).

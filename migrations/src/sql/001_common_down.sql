@@ -1,0 +1,2 @@
+DROP FUNCTION IF EXISTS update_timestamp();
+DROP FUNCTION IF EXISTS uuid_generate_v7();

@@ -1,0 +1,129 @@
+//! Every migration applies and rolls back cleanly, also with data in the tables.
+
+use brokkr_migrations::{Migrator, MigratorTrait};
+use brokkr_testdb::TestDb;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+const TABLES: [&str; 10] = [
+    "generators",
+    "stacks",
+    "agents",
+    "deployment_objects",
+    "agent_events",
+    "agent_targets",
+    "stack_labels",
+    "stack_annotations",
+    "agent_labels",
+    "agent_annotations",
+];
+
+async fn tables(db: &TestDb) -> Vec<String> {
+    db.conn()
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT table_name::text AS t FROM information_schema.tables \
+             WHERE table_schema = 'public' AND table_name <> 'seaql_migrations' ORDER BY 1",
+        ))
+        .await
+        .expect("list tables")
+        .into_iter()
+        .map(|row| row.try_get::<String>("", "t").expect("name"))
+        .collect()
+}
+
+async fn functions(db: &TestDb) -> i64 {
+    let row = db
+        .conn()
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'public'",
+        ))
+        .await
+        .expect("count functions")
+        .expect("a row");
+    row.try_get("", "n").expect("count")
+}
+
+/// A little of everything, through the triggers too.
+const POPULATE: &str = r#"
+INSERT INTO generators (id, name) VALUES ('00000000-0000-7000-8000-000000000001', 'ns/gen');
+INSERT INTO stacks (id, name, generator_id)
+    VALUES ('00000000-0000-7000-8000-000000000002', 'ns/app', '00000000-0000-7000-8000-000000000001');
+INSERT INTO agents (id, name, cluster_name) VALUES ('00000000-0000-7000-8000-000000000003', 'edge', 'eu');
+INSERT INTO deployment_objects (id, stack_id, yaml_content, yaml_checksum, generator_id)
+    VALUES ('00000000-0000-7000-8000-000000000004', '00000000-0000-7000-8000-000000000002', 'a: 1', 'c',
+            '00000000-0000-7000-8000-000000000001');
+INSERT INTO agent_targets (id, agent_id, stack_id)
+    VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', '00000000-0000-7000-8000-000000000002');
+INSERT INTO agent_events (id, agent_id, deployment_object_id, event_type, status)
+    VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', '00000000-0000-7000-8000-000000000004',
+            'Apply', 'Success');
+INSERT INTO stack_labels (id, stack_id, label) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000002', 'a=b');
+INSERT INTO stack_annotations (id, stack_id, key, value) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000002', 'k', 'v');
+INSERT INTO agent_labels (id, agent_id, label) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'env=prod');
+INSERT INTO agent_annotations (id, agent_id, key, value) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'k', 'v');
+UPDATE stacks SET deleted_at = now();
+"#;
+
+#[tokio::test]
+async fn up_down_up_on_a_populated_database() {
+    let db = TestDb::empty().await;
+    Migrator::up(db.conn(), None).await.expect("up");
+    let mut expected: Vec<String> = TABLES.iter().map(|t| t.to_string()).collect();
+    expected.sort();
+    assert_eq!(tables(&db).await, expected);
+    db.conn()
+        .execute_unprepared(POPULATE)
+        .await
+        .expect("populate");
+
+    Migrator::down(db.conn(), None)
+        .await
+        .expect("down with data in every table");
+    assert!(tables(&db).await.is_empty(), "down removes every table");
+    assert_eq!(functions(&db).await, 0, "down removes every function");
+
+    Migrator::up(db.conn(), None).await.expect("up again");
+    assert_eq!(tables(&db).await, expected);
+    db.conn()
+        .execute_unprepared(POPULATE)
+        .await
+        .expect("populate again");
+}
+
+#[tokio::test]
+async fn each_migration_rolls_back_one_step_at_a_time() {
+    let db = TestDb::empty().await;
+    Migrator::up(db.conn(), None).await.expect("up");
+    let total = Migrator::migrations().len();
+    for remaining in (0..total).rev() {
+        Migrator::down(db.conn(), Some(1))
+            .await
+            .expect("one step down");
+        let applied = Migrator::get_applied_migrations(db.conn())
+            .await
+            .expect("status");
+        assert_eq!(applied.len(), remaining);
+    }
+    Migrator::up(db.conn(), None)
+        .await
+        .expect("up from nothing");
+}
+
+#[tokio::test]
+async fn concurrent_migrators_take_turns() {
+    let db = TestDb::empty().await;
+    let runs = (0..4).map(|_| {
+        let conn = db.conn().clone();
+        tokio::spawn(async move { brokkr_migrations::migrate_with_lock(&conn).await })
+    });
+    for run in futures::future::join_all(runs).await {
+        run.expect("task")
+            .expect("every replica's migration succeeds");
+    }
+    let applied = Migrator::get_applied_migrations(db.conn())
+        .await
+        .expect("status");
+    assert_eq!(applied.len(), Migrator::migrations().len());
+}

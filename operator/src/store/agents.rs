@@ -1,0 +1,241 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
+};
+use uuid::Uuid;
+
+use super::metadata::{
+    Owner, check_annotations, check_labels, replace_annotations, replace_labels,
+};
+use super::{Store, StoreError, StoreResult, check_len, limits};
+use crate::entity::agents;
+
+/// Everything the database keeps of one Agent resource, written in one transaction.
+#[derive(Clone, Debug)]
+pub struct AgentSync<'a> {
+    /// `metadata.uid` of the Agent resource.
+    pub resource_uid: Uuid,
+    pub name: &'a str,
+    pub cluster_name: &'a str,
+    pub is_suspended: bool,
+    /// `key=value` strings.
+    pub labels: &'a [String],
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+/// The stored half of an agent's key: the public prefix and the SHA-256 of the whole key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentKey {
+    pub prefix: String,
+    pub hash: String,
+}
+
+impl Store {
+    /// Creates or updates an agent from its resource (keyed by `metadata.uid`) with its
+    /// labels and annotations.
+    pub async fn sync_agent(&self, input: &AgentSync<'_>) -> StoreResult<agents::Model> {
+        check_len("agent name", input.name, limits::NAME)?;
+        check_len("cluster name", input.cluster_name, limits::CLUSTER_NAME)?;
+        check_labels(input.labels)?;
+        check_annotations(input.annotations)?;
+        let txn = self.db.begin().await?;
+        let agent = upsert_agent(&txn, input).await?;
+        replace_labels(&txn, Owner::Agent(agent.id), input.labels).await?;
+        replace_annotations(&txn, Owner::Agent(agent.id), input.annotations).await?;
+        txn.commit().await?;
+        Ok(agent)
+    }
+
+    /// Replaces an agent's labels (`key=value` strings).
+    pub async fn replace_agent_labels(&self, agent_id: Uuid, labels: &[String]) -> StoreResult<()> {
+        check_labels(labels)?;
+        let txn = self.db.begin().await?;
+        replace_labels(&txn, Owner::Agent(agent_id), labels).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces an agent's annotations.
+    pub async fn replace_agent_annotations(
+        &self,
+        agent_id: Uuid,
+        annotations: &BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        check_annotations(annotations)?;
+        let txn = self.db.begin().await?;
+        replace_annotations(&txn, Owner::Agent(agent_id), annotations).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Stores the prefix and hash of a newly issued agent key, replacing any earlier key.
+    pub async fn set_agent_key(&self, agent_id: Uuid, key: &AgentKey) -> StoreResult<()> {
+        check_len("key prefix", &key.prefix, limits::PAK_PREFIX)?;
+        let updated = agents::Entity::update_many()
+            .col_expr(agents::Column::PakPrefix, Expr::value(key.prefix.clone()))
+            .col_expr(agents::Column::PakHash, Expr::value(key.hash.clone()))
+            .filter(agents::Column::Id.eq(agent_id))
+            .filter(agents::Column::DeletedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        if updated.rows_affected == 0 {
+            return Err(StoreError::not_found(format!("agent {agent_id}")));
+        }
+        Ok(())
+    }
+
+    /// The live agent whose key has this public prefix.
+    pub async fn find_agent_by_key_prefix(
+        &self,
+        prefix: &str,
+    ) -> StoreResult<Option<agents::Model>> {
+        Ok(agents::Entity::find()
+            .filter(agents::Column::PakPrefix.eq(prefix))
+            .filter(agents::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn find_agent(&self, agent_id: Uuid) -> StoreResult<Option<agents::Model>> {
+        Ok(agents::Entity::find_by_id(agent_id).one(&self.db).await?)
+    }
+
+    pub async fn find_live_agent_by_resource(
+        &self,
+        resource_uid: Uuid,
+    ) -> StoreResult<Option<agents::Model>> {
+        Ok(agents::Entity::find()
+            .filter(agents::Column::ResourceUid.eq(resource_uid))
+            .filter(agents::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Live agent rows of the given resources, for expanding targets.
+    pub async fn live_agents_by_resources(
+        &self,
+        resource_uids: &BTreeSet<Uuid>,
+    ) -> StoreResult<Vec<agents::Model>> {
+        if resource_uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(agents::Entity::find()
+            .filter(agents::Column::ResourceUid.is_in(resource_uids.iter().copied()))
+            .filter(agents::Column::DeletedAt.is_null())
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Records a heartbeat: the agent is `Online` as of now, at `version`.
+    pub async fn heartbeat(
+        &self,
+        agent_id: Uuid,
+        version: Option<&str>,
+    ) -> StoreResult<agents::Model> {
+        if let Some(version) = version {
+            check_len("agent version", version, limits::AGENT_VERSION)?;
+        }
+        let txn = self.db.begin().await?;
+        let updated = agents::Entity::update_many()
+            .col_expr(agents::Column::LastHeartbeat, Expr::current_timestamp())
+            .col_expr(agents::Column::Status, Expr::value("Online"))
+            .col_expr(
+                agents::Column::AgentVersion,
+                Expr::value(version.map(str::to_owned)),
+            )
+            .filter(agents::Column::Id.eq(agent_id))
+            .filter(agents::Column::DeletedAt.is_null())
+            .exec(&txn)
+            .await?;
+        if updated.rows_affected == 0 {
+            return Err(StoreError::not_found(format!("live agent {agent_id}")));
+        }
+        let agent = agents::Entity::find_by_id(agent_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))?;
+        txn.commit().await?;
+        Ok(agent)
+    }
+
+    /// Sets an agent's `status` column (`Online`, `Offline`, ...).
+    pub async fn set_agent_status(&self, agent_id: Uuid, status: &str) -> StoreResult<()> {
+        check_len("agent status", status, limits::AGENT_STATUS)?;
+        agents::Entity::update_many()
+            .col_expr(agents::Column::Status, Expr::value(status))
+            .filter(agents::Column::Id.eq(agent_id))
+            .filter(agents::Column::Status.ne(status))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Soft-deletes an agent; its events follow (database trigger).
+    pub async fn soft_delete_agent(&self, agent_id: Uuid) -> StoreResult<bool> {
+        let updated = agents::Entity::update_many()
+            .col_expr(agents::Column::DeletedAt, Expr::current_timestamp())
+            .filter(agents::Column::Id.eq(agent_id))
+            .filter(agents::Column::DeletedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(updated.rows_affected > 0)
+    }
+
+    /// Removes an agent with its targets, events, labels and annotations.
+    pub async fn hard_delete_agent(&self, agent_id: Uuid) -> StoreResult<bool> {
+        let txn = self.db.begin().await?;
+        let deleted = agents::Entity::delete_by_id(agent_id).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(deleted.rows_affected > 0)
+    }
+}
+
+async fn upsert_agent(
+    db: &impl ConnectionTrait,
+    input: &AgentSync<'_>,
+) -> StoreResult<agents::Model> {
+    let existing = agents::Entity::find()
+        .filter(agents::Column::ResourceUid.eq(input.resource_uid))
+        .filter(agents::Column::DeletedAt.is_null())
+        .one(db)
+        .await?;
+    match existing {
+        Some(row)
+            if row.name == input.name
+                && row.cluster_name == input.cluster_name
+                && row.is_suspended == input.is_suspended =>
+        {
+            Ok(row)
+        }
+        Some(row) => {
+            let mut active: agents::ActiveModel = row.into();
+            active.name = Set(input.name.to_owned());
+            active.cluster_name = Set(input.cluster_name.to_owned());
+            active.is_suspended = Set(input.is_suspended);
+            Ok(active.update(db).await?)
+        }
+        None => {
+            // A live row with this name and cluster belongs to an earlier resource of
+            // the same name, which Kubernetes no longer has.
+            agents::Entity::update_many()
+                .col_expr(agents::Column::DeletedAt, Expr::current_timestamp())
+                .filter(agents::Column::Name.eq(input.name))
+                .filter(agents::Column::ClusterName.eq(input.cluster_name))
+                .filter(agents::Column::DeletedAt.is_null())
+                .exec(db)
+                .await?;
+            Ok(agents::ActiveModel {
+                id: Set(Uuid::now_v7()),
+                name: Set(input.name.to_owned()),
+                cluster_name: Set(input.cluster_name.to_owned()),
+                is_suspended: Set(input.is_suspended),
+                resource_uid: Set(Some(input.resource_uid)),
+                ..Default::default()
+            }
+            .insert(db)
+            .await?)
+        }
+    }
+}

@@ -1,0 +1,331 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use sea_orm::sea_query::{Expr, LockType};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
+};
+use uuid::Uuid;
+
+use super::metadata::{
+    Owner, check_annotations, check_labels, replace_annotations, replace_labels,
+};
+use super::{Store, StoreError, StoreResult, check_len, limits};
+use crate::entity::{agent_targets, deployment_objects, stacks};
+
+/// Everything the database keeps of one Stack resource, written in one transaction.
+#[derive(Clone, Debug)]
+pub struct StackSync<'a> {
+    /// `metadata.uid` of the Stack resource.
+    pub resource_uid: Uuid,
+    /// `<namespace>/<name>`.
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    pub generator_id: Uuid,
+    /// `key=value` strings.
+    pub labels: &'a [String],
+    pub annotations: &'a BTreeMap<String, String>,
+    /// The rendered desired state; `None` keeps serving the last recorded one (used
+    /// when the resource's content is invalid).
+    pub content: Option<StackContent<'a>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StackContent<'a> {
+    pub yaml: &'a str,
+    pub checksum: &'a str,
+}
+
+#[derive(Clone, Debug)]
+pub struct StackSynced {
+    pub stack: stacks::Model,
+    /// The stack's current deployment object, if it has one.
+    pub deployment_object: Option<deployment_objects::Model>,
+    /// Whether this call wrote a new deployment object.
+    pub created_deployment_object: bool,
+}
+
+/// What [`Store::replace_stack_targets`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetsChanged {
+    pub added: Vec<Uuid>,
+    pub removed: Vec<Uuid>,
+}
+
+impl TargetsChanged {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl Store {
+    /// Creates or updates a stack from its resource, replaces its labels and
+    /// annotations, and records its content as a new deployment object when the
+    /// checksum differs from the current one — all in one transaction.
+    pub async fn sync_stack(&self, input: &StackSync<'_>) -> StoreResult<StackSynced> {
+        check_len("stack name", input.name, limits::NAME)?;
+        check_labels(input.labels)?;
+        check_annotations(input.annotations)?;
+
+        let txn = self.db.begin().await?;
+        let stack = upsert_stack(&txn, input).await?;
+        replace_labels(&txn, Owner::Stack(stack.id), input.labels).await?;
+        replace_annotations(&txn, Owner::Stack(stack.id), input.annotations).await?;
+        let (deployment_object, created_deployment_object) = match input.content {
+            Some(content) => {
+                let (object, created) = record_deployment_object(&txn, &stack, content).await?;
+                (Some(object), created)
+            }
+            None => (latest_live_deployment_object(&txn, stack.id).await?, false),
+        };
+        txn.commit().await?;
+        Ok(StackSynced {
+            stack,
+            deployment_object,
+            created_deployment_object,
+        })
+    }
+
+    /// Records `content` as the stack's new desired state, unless it already is: the
+    /// existing deployment object comes back when the checksum is unchanged.
+    pub async fn record_deployment_object(
+        &self,
+        stack_id: Uuid,
+        content: StackContent<'_>,
+    ) -> StoreResult<(deployment_objects::Model, bool)> {
+        let txn = self.db.begin().await?;
+        let stack = stacks::Entity::find_by_id(stack_id)
+            .filter(stacks::Column::DeletedAt.is_null())
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("live stack {stack_id}")))?;
+        let recorded = record_deployment_object(&txn, &stack, content).await?;
+        txn.commit().await?;
+        Ok(recorded)
+    }
+
+    /// Replaces a stack's labels (`key=value` strings).
+    pub async fn replace_stack_labels(&self, stack_id: Uuid, labels: &[String]) -> StoreResult<()> {
+        check_labels(labels)?;
+        let txn = self.db.begin().await?;
+        replace_labels(&txn, Owner::Stack(stack_id), labels).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a stack's annotations.
+    pub async fn replace_stack_annotations(
+        &self,
+        stack_id: Uuid,
+        annotations: &BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        check_annotations(annotations)?;
+        let txn = self.db.begin().await?;
+        replace_annotations(&txn, Owner::Stack(stack_id), annotations).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn find_live_stack_by_resource(
+        &self,
+        resource_uid: Uuid,
+    ) -> StoreResult<Option<stacks::Model>> {
+        Ok(stacks::Entity::find()
+            .filter(stacks::Column::ResourceUid.eq(resource_uid))
+            .filter(stacks::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn find_stack(&self, stack_id: Uuid) -> StoreResult<Option<stacks::Model>> {
+        Ok(stacks::Entity::find_by_id(stack_id).one(&self.db).await?)
+    }
+
+    /// The stack's newest live deployment object (a deletion marker once it is deleted).
+    pub async fn current_deployment_object(
+        &self,
+        stack_id: Uuid,
+    ) -> StoreResult<Option<deployment_objects::Model>> {
+        latest_live_deployment_object(&self.db, stack_id).await
+    }
+
+    /// Soft-deletes a stack: its deployment objects are retired and a deletion marker
+    /// is appended (database trigger). Returns the deletion marker, or `None` when
+    /// the stack was already deleted.
+    pub async fn soft_delete_stack(
+        &self,
+        stack_id: Uuid,
+    ) -> StoreResult<Option<deployment_objects::Model>> {
+        let txn = self.db.begin().await?;
+        let updated = stacks::Entity::update_many()
+            .col_expr(stacks::Column::DeletedAt, Expr::current_timestamp())
+            .filter(stacks::Column::Id.eq(stack_id))
+            .filter(stacks::Column::DeletedAt.is_null())
+            .exec(&txn)
+            .await?;
+        let marker = if updated.rows_affected > 0 {
+            latest_live_deployment_object(&txn, stack_id).await?
+        } else {
+            None
+        };
+        txn.commit().await?;
+        Ok(marker)
+    }
+
+    /// Removes a stack with its targets, deployment objects and their events.
+    pub async fn hard_delete_stack(&self, stack_id: Uuid) -> StoreResult<bool> {
+        let txn = self.db.begin().await?;
+        let deleted = stacks::Entity::delete_by_id(stack_id).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(deleted.rows_affected > 0)
+    }
+
+    /// Makes `agent_ids` the exact set of agents targeted at the stack.
+    pub async fn replace_stack_targets(
+        &self,
+        stack_id: Uuid,
+        agent_ids: &BTreeSet<Uuid>,
+    ) -> StoreResult<TargetsChanged> {
+        let txn = self.db.begin().await?;
+        // Serialises concurrent replacements of the same stack's set.
+        stacks::Entity::find_by_id(stack_id)
+            .lock(LockType::Update)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("stack {stack_id}")))?;
+        let current: BTreeSet<Uuid> = agent_targets::Entity::find()
+            .filter(agent_targets::Column::StackId.eq(stack_id))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|t| t.agent_id)
+            .collect();
+        let changed = TargetsChanged {
+            added: agent_ids.difference(&current).copied().collect(),
+            removed: current.difference(agent_ids).copied().collect(),
+        };
+        if !changed.removed.is_empty() {
+            agent_targets::Entity::delete_many()
+                .filter(agent_targets::Column::StackId.eq(stack_id))
+                .filter(agent_targets::Column::AgentId.is_in(changed.removed.iter().copied()))
+                .exec(&txn)
+                .await?;
+        }
+        if !changed.added.is_empty() {
+            agent_targets::Entity::insert_many(changed.added.iter().map(|agent_id| {
+                agent_targets::ActiveModel {
+                    id: Set(Uuid::now_v7()),
+                    agent_id: Set(*agent_id),
+                    stack_id: Set(stack_id),
+                }
+            }))
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(changed)
+    }
+
+    /// Agents currently targeted at a stack.
+    pub async fn stack_target_agent_ids(&self, stack_id: Uuid) -> StoreResult<BTreeSet<Uuid>> {
+        Ok(agent_targets::Entity::find()
+            .filter(agent_targets::Column::StackId.eq(stack_id))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|t| t.agent_id)
+            .collect())
+    }
+}
+
+async fn upsert_stack(
+    db: &impl ConnectionTrait,
+    input: &StackSync<'_>,
+) -> StoreResult<stacks::Model> {
+    let existing = stacks::Entity::find()
+        .filter(stacks::Column::ResourceUid.eq(input.resource_uid))
+        .filter(stacks::Column::DeletedAt.is_null())
+        .lock(LockType::Update)
+        .one(db)
+        .await?;
+    match existing {
+        Some(row)
+            if row.name == input.name
+                && row.description.as_deref() == input.description
+                && row.generator_id == input.generator_id =>
+        {
+            Ok(row)
+        }
+        Some(row) => {
+            let mut active: stacks::ActiveModel = row.into();
+            active.name = Set(input.name.to_owned());
+            active.description = Set(input.description.map(str::to_owned));
+            active.generator_id = Set(input.generator_id);
+            Ok(active.update(db).await?)
+        }
+        None => {
+            // A live row with this name belongs to an earlier resource of the same name,
+            // which Kubernetes no longer has: retire it (writing its deletion marker).
+            stacks::Entity::update_many()
+                .col_expr(stacks::Column::DeletedAt, Expr::current_timestamp())
+                .filter(stacks::Column::Name.eq(input.name))
+                .filter(stacks::Column::DeletedAt.is_null())
+                .exec(db)
+                .await?;
+            Ok(stacks::ActiveModel {
+                id: Set(Uuid::now_v7()),
+                name: Set(input.name.to_owned()),
+                description: Set(input.description.map(str::to_owned)),
+                generator_id: Set(input.generator_id),
+                resource_uid: Set(Some(input.resource_uid)),
+                ..Default::default()
+            }
+            .insert(db)
+            .await?)
+        }
+    }
+}
+
+pub(super) async fn latest_live_deployment_object(
+    db: &impl ConnectionTrait,
+    stack_id: Uuid,
+) -> StoreResult<Option<deployment_objects::Model>> {
+    Ok(deployment_objects::Entity::find()
+        .filter(deployment_objects::Column::StackId.eq(stack_id))
+        .filter(deployment_objects::Column::DeletedAt.is_null())
+        .order_by_desc(deployment_objects::Column::SequenceId)
+        .one(db)
+        .await?)
+}
+
+/// Inserts `content` unless the stack's current deployment object already has its
+/// checksum. Callers hold the stack row (or run in the transaction that wrote it), so
+/// two writers of one stack never both insert.
+async fn record_deployment_object(
+    db: &impl ConnectionTrait,
+    stack: &stacks::Model,
+    content: StackContent<'_>,
+) -> StoreResult<(deployment_objects::Model, bool)> {
+    stacks::Entity::find_by_id(stack.id)
+        .lock(LockType::Update)
+        .one(db)
+        .await?;
+    if let Some(current) = latest_live_deployment_object(db, stack.id).await?
+        && !current.is_deletion_marker
+        && current.yaml_checksum == content.checksum
+    {
+        return Ok((current, false));
+    }
+    let created = deployment_objects::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        stack_id: Set(stack.id),
+        yaml_content: Set(content.yaml.to_owned()),
+        yaml_checksum: Set(content.checksum.to_owned()),
+        is_deletion_marker: Set(false),
+        generator_id: Set(stack.generator_id),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok((created, true))
+}
