@@ -50,7 +50,7 @@ pub mod reasons {
     /// `spec.generatorRef` names a Generator that does not exist in the namespace.
     pub const GENERATOR_NOT_FOUND: &str = "GeneratorNotFound";
     /// `spec.manifests` or `spec.resources` could not be parsed or rendered.
-    pub const INVALID_MANIFESTS: &str = "InvalidManifests";
+    pub const INVALID_MANIFEST: &str = "InvalidManifest";
     /// The content was recorded as a deployment object.
     pub const RECORDED: &str = "Recorded";
     /// No agent is targeted by any AgentTarget.

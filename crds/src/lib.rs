@@ -23,6 +23,7 @@ pub mod generator;
 mod schema;
 pub mod stack;
 pub mod validation;
+pub mod wire;
 
 pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus, SecretRef};
 pub use agent_target::{

@@ -1,0 +1,260 @@
+//! The hub<->agent protocol: JSON bodies of `/api/v1/agent/*`.
+//!
+//! | method and path | request | response |
+//! | --- | --- | --- |
+//! | `GET /api/v1/agent/desired?since=<cursor>&wait=<seconds>` | — | [`DesiredState`] |
+//! | `GET /api/v1/agent/deployment-objects/{id}` | — | [`DeploymentObject`] |
+//! | `POST /api/v1/agent/events` | [`EventBatch`] | [`EventBatchResult`] |
+//! | `POST /api/v1/agent/heartbeat` | [`Heartbeat`] | [`HeartbeatAck`] |
+//!
+//! Every request carries `Authorization: Bearer <agent key>`; every error is an
+//! [`ApiError`] with the matching HTTP status.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Path prefix of the agent API.
+pub const API_PREFIX: &str = "/api/v1/agent";
+/// Longest long-poll the hub grants, in seconds; longer `wait`s are cut to this.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// Most events one [`EventBatch`] may carry.
+pub const MAX_EVENTS_PER_BATCH: usize = 500;
+/// Longest event message, in characters.
+pub const MAX_EVENT_MESSAGE_CHARS: usize = 4096;
+
+/// Everything an agent should hold. A stack missing from `stacks` is to be removed
+/// from the spoke, along with everything the agent applied for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredState {
+    /// Opaque; send it back as `since` to wait for the next change.
+    pub cursor: String,
+    pub stacks: Vec<DesiredStack>,
+}
+
+/// What one targeted stack should look like on the spoke.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredStack {
+    pub stack_id: Uuid,
+    /// `<namespace>/<name>` of the Stack in the hub.
+    pub stack_name: String,
+    pub deployment_object_id: Uuid,
+    pub sequence: i64,
+    pub checksum: String,
+    /// The stack was deleted: remove everything applied for it, then report a
+    /// `Delete` event for this deployment object.
+    pub deletion: bool,
+}
+
+/// One deployment object's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentObject {
+    pub id: Uuid,
+    pub stack_id: Uuid,
+    pub sequence: i64,
+    pub checksum: String,
+    pub deletion: bool,
+    /// Multi-document YAML of the objects to apply (empty for a deletion).
+    pub yaml: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventBatch {
+    pub events: Vec<AgentEvent>,
+}
+
+/// A report about one deployment object. `id` is made by the agent, once per
+/// report, so that a retried POST is recognised and stored once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentEvent {
+    pub id: Uuid,
+    pub deployment_object_id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub status: EventStatus,
+    /// For failures the API server's message; for `Health`, see [`health_message`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    /// The deployment object was applied (or failed to apply).
+    Apply,
+    /// Everything applied for the stack was removed (or could not be).
+    Delete,
+    /// The health of what was applied changed.
+    Health,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Apply => "Apply",
+            EventType::Delete => "Delete",
+            EventType::Health => "Health",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventStatus {
+    Success,
+    Failure,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Success => "Success",
+            EventStatus::Failure => "Failure",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventBatchResult {
+    pub accepted: u64,
+    /// Events the hub already had from an earlier delivery.
+    pub duplicates: u64,
+}
+
+/// Health of what an agent applied for a stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Progressing,
+    Degraded,
+    #[default]
+    Unknown,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Progressing => "progressing",
+            Health::Degraded => "degraded",
+            Health::Unknown => "unknown",
+        }
+    }
+
+    /// The event status a `Health` event carries: only `degraded` is a failure.
+    pub fn event_status(self) -> EventStatus {
+        match self {
+            Health::Degraded => EventStatus::Failure,
+            _ => EventStatus::Success,
+        }
+    }
+}
+
+/// The message of a `Health` event: the health word first (the status column holds
+/// only Success/Failure), then the detail, e.g. `progressing: Deployment web 1/3 available`.
+pub fn health_message(health: Health, detail: &str) -> String {
+    if detail.is_empty() {
+        health.as_str().to_owned()
+    } else {
+        format!("{}: {detail}", health.as_str())
+    }
+}
+
+/// Reads the health word back out of a `Health` event's message.
+pub fn parse_health_message(message: &str) -> Health {
+    let word = message.split(':').next().unwrap_or_default().trim();
+    match word {
+        "healthy" => Health::Healthy,
+        "progressing" => Health::Progressing,
+        "degraded" => Health::Degraded,
+        _ => Health::Unknown,
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    /// The agent's version.
+    pub version: String,
+    /// What the agent is doing, e.g. `Ready`, `Syncing`, `Degraded`.
+    pub state: String,
+    #[serde(default)]
+    pub stacks: Vec<StackSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StackSummary {
+    pub stack_id: Uuid,
+    pub deployment_object_id: Uuid,
+    pub health: Health,
+    /// Objects of the stack currently applied.
+    pub objects: u32,
+    /// Objects of the stack that failed to apply.
+    pub failed: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatAck {
+    /// The interval at which the hub expects heartbeats; three missed ones mark the
+    /// agent Offline.
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// Body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable, machine-readable code, e.g. `unauthorized`, `not_found`.
+    pub error: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_use_the_documented_json_names() {
+        let event = AgentEvent {
+            id: Uuid::nil(),
+            deployment_object_id: Uuid::nil(),
+            event_type: EventType::Health,
+            status: Health::Progressing.event_status(),
+            message: Some(health_message(Health::Progressing, "web 1/3 available")),
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "Health");
+        assert_eq!(json["status"], "Success");
+        assert_eq!(json["deploymentObjectId"], Uuid::nil().to_string());
+        assert_eq!(json["message"], "progressing: web 1/3 available");
+    }
+
+    #[test]
+    fn health_survives_the_event_message() {
+        for health in [
+            Health::Healthy,
+            Health::Progressing,
+            Health::Degraded,
+            Health::Unknown,
+        ] {
+            assert_eq!(
+                parse_health_message(&health_message(health, "detail: x")),
+                health
+            );
+            assert_eq!(parse_health_message(&health_message(health, "")), health);
+        }
+        assert_eq!(parse_health_message("gibberish"), Health::Unknown);
+    }
+
+    #[test]
+    fn unknown_event_types_are_rejected() {
+        let body = r#"{"id":"00000000-0000-0000-0000-000000000000","deploymentObjectId":"00000000-0000-0000-0000-000000000000","type":"Explode","status":"Success"}"#;
+        assert!(serde_json::from_str::<AgentEvent>(body).is_err());
+    }
+}
