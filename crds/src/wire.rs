@@ -10,6 +10,7 @@
 //! Every request carries `Authorization: Bearer <agent key>`; every error is an
 //! [`ApiError`] with the matching HTTP status.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -24,7 +25,7 @@ pub const MAX_EVENT_MESSAGE_CHARS: usize = 4096;
 
 /// Everything an agent should hold. A stack missing from `stacks` is to be removed
 /// from the spoke, along with everything the agent applied for it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DesiredState {
     /// Opaque; send it back as `since` to wait for the next change.
@@ -33,7 +34,7 @@ pub struct DesiredState {
 }
 
 /// What one targeted stack should look like on the spoke.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DesiredStack {
     pub stack_id: Uuid,
@@ -48,7 +49,7 @@ pub struct DesiredStack {
 }
 
 /// One deployment object's content.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentObject {
     pub id: Uuid,
@@ -60,7 +61,7 @@ pub struct DeploymentObject {
     pub yaml: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventBatch {
     pub events: Vec<AgentEvent>,
@@ -68,7 +69,7 @@ pub struct EventBatch {
 
 /// A report about one deployment object. `id` is made by the agent, once per
 /// report, so that a retried POST is recognised and stored once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEvent {
     pub id: Uuid,
@@ -81,7 +82,7 @@ pub struct AgentEvent {
     pub message: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum EventType {
     /// The deployment object was applied (or failed to apply).
     Apply,
@@ -101,7 +102,7 @@ impl EventType {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum EventStatus {
     Success,
     Failure,
@@ -116,7 +117,7 @@ impl EventStatus {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventBatchResult {
     pub accepted: u64,
@@ -125,7 +126,7 @@ pub struct EventBatchResult {
 }
 
 /// Health of what an agent applied for a stack.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
@@ -175,7 +176,7 @@ pub fn parse_health_message(message: &str) -> Health {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Heartbeat {
     /// The agent's version.
@@ -186,7 +187,7 @@ pub struct Heartbeat {
     pub stacks: Vec<StackSummary>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StackSummary {
     pub stack_id: Uuid,
@@ -198,7 +199,7 @@ pub struct StackSummary {
     pub failed: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatAck {
     /// The interval at which the hub expects heartbeats; three missed ones mark the
@@ -207,7 +208,7 @@ pub struct HeartbeatAck {
 }
 
 /// Body of every error response.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiError {
     /// A stable, machine-readable code, e.g. `unauthorized`, `not_found`.
     pub error: String,

@@ -58,6 +58,12 @@ sql_migration!(
     "008_labels_annotations"
 );
 
+sql_migration!(
+    Notifications,
+    "m20261122_000009_notifications",
+    "009_notifications"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -73,6 +79,7 @@ impl MigratorTrait for Migrator {
             Box::new(AgentEvents),
             Box::new(AgentTargets),
             Box::new(LabelsAnnotations),
+            Box::new(Notifications),
         ]
     }
 }

@@ -1,1 +1,24 @@
-fn main() {}
+use std::process::ExitCode;
+
+use brokkr_operator::config::{Cli, Command};
+use brokkr_operator::controllers::error_chain;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    brokkr_operator::init_tracing(cli.run.log_json);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Crd => {
+            print!("{}", brokkr_crds::crds_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => match brokkr_operator::run::run(cli.run).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %error_chain(&err), "brokkr-operator failed");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -56,8 +56,8 @@ impl Fixture {
                 name,
                 description: None,
                 generator_id,
-                labels: &[],
-                annotations: &BTreeMap::new(),
+                labels: Some(&[]),
+                annotations: Some(&BTreeMap::new()),
                 content: Some(StackContent {
                     yaml,
                     checksum: &checksum(yaml),
@@ -555,8 +555,8 @@ async fn values_past_column_sizes_are_refused_naming_the_field() {
             name: "ns/app",
             description: None,
             generator_id: generator,
-            labels: &[long_label],
-            annotations: &BTreeMap::new(),
+            labels: Some(&[long_label]),
+            annotations: None,
             content: None,
         })
         .await
@@ -746,8 +746,8 @@ async fn invalid_content_keeps_serving_the_last_good_object() {
         name: "ns/app",
         description: None,
         generator_id: generator,
-        labels: &[],
-        annotations: &EMPTY,
+        labels: Some(&[]),
+        annotations: Some(&EMPTY),
         content,
     };
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();

@@ -2,7 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -98,6 +99,16 @@ impl Store {
             .await?)
     }
 
+    /// The newest agent row, live or deleted, holding a key with this prefix: the API
+    /// tells a deleted agent why it is refused.
+    pub async fn find_agent_for_key(&self, prefix: &str) -> StoreResult<Option<agents::Model>> {
+        Ok(agents::Entity::find()
+            .filter(agents::Column::PakPrefix.eq(prefix))
+            .order_by_desc(agents::Column::CreatedAt)
+            .one(&self.db)
+            .await?)
+    }
+
     pub async fn find_agent(&self, agent_id: Uuid) -> StoreResult<Option<agents::Model>> {
         Ok(agents::Entity::find_by_id(agent_id).one(&self.db).await?)
     }
@@ -170,6 +181,30 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+
+    /// Marks `Offline` every live `Online` agent whose last heartbeat is older than
+    /// `silence`, returning their names.
+    pub async fn mark_silent_agents_offline(
+        &self,
+        silence: std::time::Duration,
+    ) -> StoreResult<Vec<String>> {
+        use sea_orm::FromQueryResult;
+        #[derive(FromQueryResult)]
+        struct Name {
+            name: String,
+        }
+        let seconds = silence.as_secs_f64();
+        let names = Name::find_by_statement(super::statement(
+            "UPDATE agents SET status = 'Offline' \
+             WHERE status = 'Online' AND deleted_at IS NULL \
+               AND last_heartbeat < now() - make_interval(secs => $1) \
+             RETURNING name",
+            [seconds.into()],
+        ))
+        .all(&self.db)
+        .await?;
+        Ok(names.into_iter().map(|n| n.name).collect())
     }
 
     /// Soft-deletes an agent; its events follow (database trigger).

@@ -22,9 +22,10 @@ pub struct StackSync<'a> {
     pub name: &'a str,
     pub description: Option<&'a str>,
     pub generator_id: Uuid,
-    /// `key=value` strings.
-    pub labels: &'a [String],
-    pub annotations: &'a BTreeMap<String, String>,
+    /// `key=value` strings; `None` keeps the recorded ones.
+    pub labels: Option<&'a [String]>,
+    /// `None` keeps the recorded ones.
+    pub annotations: Option<&'a BTreeMap<String, String>>,
     /// The rendered desired state; `None` keeps serving the last recorded one (used
     /// when the resource's content is invalid).
     pub content: Option<StackContent<'a>>,
@@ -64,13 +65,21 @@ impl Store {
     /// checksum differs from the current one — all in one transaction.
     pub async fn sync_stack(&self, input: &StackSync<'_>) -> StoreResult<StackSynced> {
         check_len("stack name", input.name, limits::NAME)?;
-        check_labels(input.labels)?;
-        check_annotations(input.annotations)?;
+        if let Some(labels) = input.labels {
+            check_labels(labels)?;
+        }
+        if let Some(annotations) = input.annotations {
+            check_annotations(annotations)?;
+        }
 
         let txn = self.db.begin().await?;
         let stack = upsert_stack(&txn, input).await?;
-        replace_labels(&txn, Owner::Stack(stack.id), input.labels).await?;
-        replace_annotations(&txn, Owner::Stack(stack.id), input.annotations).await?;
+        if let Some(labels) = input.labels {
+            replace_labels(&txn, Owner::Stack(stack.id), labels).await?;
+        }
+        if let Some(annotations) = input.annotations {
+            replace_annotations(&txn, Owner::Stack(stack.id), annotations).await?;
+        }
         let (deployment_object, created_deployment_object) = match input.content {
             Some(content) => {
                 let (object, created) = record_deployment_object(&txn, &stack, content).await?;
@@ -133,6 +142,19 @@ impl Store {
         Ok(stacks::Entity::find()
             .filter(stacks::Column::ResourceUid.eq(resource_uid))
             .filter(stacks::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// The newest row of a resource, deleted or not: a Stack being deleted may find
+    /// its row already retired by its generator's deletion.
+    pub async fn find_newest_stack_by_resource(
+        &self,
+        resource_uid: Uuid,
+    ) -> StoreResult<Option<stacks::Model>> {
+        Ok(stacks::Entity::find()
+            .filter(stacks::Column::ResourceUid.eq(resource_uid))
+            .order_by_desc(stacks::Column::CreatedAt)
             .one(&self.db)
             .await?)
     }

@@ -1,0 +1,316 @@
+//! The agent API (`/api/v1/agent/*`): agents pull their desired state (long-poll),
+//! fetch deployment objects, and report events and heartbeats. The protocol's bodies
+//! are `brokkr_crds::wire`.
+
+mod auth;
+pub mod changes;
+mod error;
+mod openapi;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use brokkr_crds::wire::{
+    self, AgentEvent, DeploymentObject, DesiredStack, DesiredState, EventBatch, EventBatchResult,
+    Heartbeat, HeartbeatAck, MAX_EVENTS_PER_BATCH, MAX_WAIT_SECONDS,
+};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+pub use auth::{AuthCache, AuthenticatedAgent};
+pub use changes::{Change, ChangeFeed};
+pub use error::ApiError;
+
+use crate::store::{EventReport, Store};
+
+/// Largest request body the API reads.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Interval at which agents are told to send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Longest long-poll granted (the `wait` parameter is cut to it).
+    pub max_wait: Duration,
+    /// Deadline of every request but the long-poll, which gets `max_wait` more.
+    pub request_timeout: Duration,
+    /// How long an authenticated key is trusted without asking the database again.
+    pub auth_cache_ttl: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            heartbeat_interval: Duration::from_secs(15),
+            max_wait: Duration::from_secs(MAX_WAIT_SECONDS),
+            request_timeout: Duration::from_secs(30),
+            auth_cache_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    store: Store,
+    auth: Arc<AuthCache>,
+    changes: ChangeFeed,
+    config: Arc<ApiConfig>,
+}
+
+impl ApiState {
+    pub fn new(store: Store, changes: ChangeFeed, config: ApiConfig) -> ApiState {
+        ApiState {
+            store,
+            auth: Arc::new(AuthCache::new(config.auth_cache_ttl)),
+            changes,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The agent API's router.
+pub fn app(state: ApiState) -> Router {
+    let long_poll_deadline = state.config.max_wait + state.config.request_timeout;
+    let long_poll = Router::new()
+        .route("/desired", get(desired))
+        .layer(middleware::from_fn_with_state(long_poll_deadline, deadline));
+    let requests = Router::new()
+        .route("/deployment-objects/{id}", get(deployment_object))
+        .route("/events", post(events))
+        .route("/heartbeat", post(heartbeat))
+        .layer(middleware::from_fn_with_state(
+            state.config.request_timeout,
+            deadline,
+        ));
+    Router::new()
+        .nest(wire::API_PREFIX, long_poll.merge(requests))
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not take that method".into())
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s, so bad bodies get our JSON shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<T>::from_request(request, state).await?;
+        Ok(ApiJson(value))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DesiredQuery {
+    since: Option<String>,
+    wait: Option<u64>,
+}
+
+/// An agent's cursor: the highest sequence it has seen, and a digest of its set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Cursor {
+    sequence: i64,
+    digest: String,
+}
+
+impl Cursor {
+    fn parse(text: &str) -> Result<Cursor, ApiError> {
+        let malformed = || {
+            ApiError::BadRequest(format!(
+                "malformed cursor {text:?}; send back the cursor the hub gave"
+            ))
+        };
+        let (sequence, digest) = text.split_once('.').ok_or_else(malformed)?;
+        let sequence = sequence.parse().map_err(|_| malformed())?;
+        if digest.len() != 16 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(malformed());
+        }
+        Ok(Cursor {
+            sequence,
+            digest: digest.to_owned(),
+        })
+    }
+
+    fn of(stacks: &[DesiredStack], sequence: i64) -> Cursor {
+        let mut hasher = Sha256::new();
+        for stack in stacks {
+            hasher.update(stack.stack_id.as_bytes());
+            hasher.update(stack.deployment_object_id.as_bytes());
+        }
+        let digest = hex::encode(&hasher.finalize()[..8]);
+        Cursor { sequence, digest }
+    }
+
+    fn text(&self) -> String {
+        format!("{}.{}", self.sequence, self.digest)
+    }
+}
+
+async fn desired(
+    agent: AuthenticatedAgent,
+    State(state): State<ApiState>,
+    query: Result<Query<DesiredQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DesiredState>, ApiError> {
+    let Query(query) = query?;
+    let since = query.since.as_deref().map(Cursor::parse).transpose()?;
+    let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(state.config.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribe before reading, so a change between the read and the wait is not lost.
+    let mut changes = state.changes.subscribe();
+    loop {
+        let current = state
+            .store
+            .desired_for_agent(agent.id, since.as_ref().map_or(0, |c| c.sequence))
+            .await?;
+        let stacks: Vec<DesiredStack> = current
+            .entries
+            .into_iter()
+            .map(|e| DesiredStack {
+                stack_id: e.stack_id,
+                stack_name: e.stack_name,
+                deployment_object_id: e.deployment_object_id,
+                sequence: e.sequence_id,
+                checksum: e.yaml_checksum,
+                deletion: e.is_deletion_marker,
+            })
+            .collect();
+        let cursor = Cursor::of(&stacks, current.max_sequence);
+        let response = DesiredState {
+            cursor: cursor.text(),
+            stacks,
+        };
+        if since.as_ref() != Some(&cursor) || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(response));
+        }
+        let watched: HashSet<Uuid> = response.stacks.iter().map(|s| s.stack_id).collect();
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(Change::Stack(id)) if watched.contains(&id) => break,
+                    Ok(Change::Agent(id)) if id == agent.id => break,
+                    Ok(Change::All) | Err(RecvError::Lagged(_)) => break,
+                    Ok(_) => continue,
+                    Err(RecvError::Closed) => {
+                        tokio::time::sleep_until(deadline).await;
+                        return Ok(Json(response));
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => return Ok(Json(response)),
+            }
+        }
+    }
+}
+
+async fn deployment_object(
+    agent: AuthenticatedAgent,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeploymentObject>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a deployment object id")))?;
+    let object = state
+        .store
+        .deployment_object_for_agent(agent.id, id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "deployment object {id} is not targeted at this agent"
+            ))
+        })?;
+    Ok(Json(DeploymentObject {
+        id: object.id,
+        stack_id: object.stack_id,
+        sequence: object.sequence_id,
+        checksum: object.yaml_checksum,
+        deletion: object.is_deletion_marker,
+        yaml: object.yaml_content,
+    }))
+}
+
+async fn events(
+    agent: AuthenticatedAgent,
+    State(state): State<ApiState>,
+    ApiJson(batch): ApiJson<EventBatch>,
+) -> Result<Json<EventBatchResult>, ApiError> {
+    if batch.events.len() > MAX_EVENTS_PER_BATCH {
+        return Err(ApiError::Unprocessable(format!(
+            "a batch holds at most {MAX_EVENTS_PER_BATCH} events; this one has {}",
+            batch.events.len()
+        )));
+    }
+    let reports: Vec<EventReport> = batch.events.iter().map(report).collect();
+    let recorded = state.store.record_agent_events(agent.id, &reports).await?;
+    Ok(Json(EventBatchResult {
+        accepted: recorded.inserted,
+        duplicates: recorded.duplicates,
+    }))
+}
+
+fn report(event: &AgentEvent) -> EventReport {
+    EventReport {
+        id: event.id,
+        deployment_object_id: event.deployment_object_id,
+        event_type: event.event_type.as_str().to_owned(),
+        status: event.status.as_str().to_owned(),
+        message: event.message.clone(),
+    }
+}
+
+async fn heartbeat(
+    agent: AuthenticatedAgent,
+    State(state): State<ApiState>,
+    ApiJson(beat): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    state.store.heartbeat(agent.id, Some(&beat.version)).await?;
+    Ok(Json(HeartbeatAck {
+        heartbeat_interval_seconds: state.config.heartbeat_interval.as_secs(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_malformed_ones_are_refused() {
+        let cursor = Cursor::of(&[], 42);
+        assert_eq!(Cursor::parse(&cursor.text()).unwrap(), cursor);
+        for bad in [
+            "",
+            "42",
+            "x.0123456789abcdef",
+            "42.short",
+            "42.0123456789abcdeg",
+        ] {
+            assert!(
+                matches!(Cursor::parse(bad), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+}

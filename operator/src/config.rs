@@ -1,0 +1,166 @@
+//! Command line and environment of `brokkr-operator`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "brokkr-operator",
+    version,
+    about = "Brokkr hub: mirrors Generator, Stack, AgentTarget and Agent resources into PostgreSQL and serves agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub (the default)
+    Run,
+    /// Print the CustomResourceDefinitions as YAML
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// PostgreSQL URL, e.g. postgres://brokkr:secret@postgres:5432/brokkr
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Namespace of the agents' key Secrets and the leader lease [default: the pod's
+    /// namespace, else brokkr-system]
+    #[arg(long, env = "BROKKR_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Address of /metrics, /healthz and /readyz
+    #[arg(long, env = "BROKKR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Address of the agent API (/api/v1/agent/*)
+    #[arg(long, env = "BROKKR_API_ADDR", default_value = "0.0.0.0:8080")]
+    pub api_addr: SocketAddr,
+
+    /// PEM certificate chain to serve the agent API over TLS (with --tls-key)
+    #[arg(long, env = "BROKKR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key for --tls-cert
+    #[arg(long, env = "BROKKR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Interval at which agents send heartbeats; three missed ones mark an agent Offline
+    #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Create or update the CRDs at start
+    #[arg(long, env = "BROKKR_INSTALL_CRDS")]
+    pub install_crds: bool,
+
+    /// How long a deleted Stack waits for its agents to report the removal (e.g. 300s, 5m)
+    #[arg(long, env = "BROKKR_DELETION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub deletion_timeout: Duration,
+
+    /// How often Stack and AgentTarget status is refreshed from the database
+    #[arg(long, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub status_refresh: Duration,
+
+    /// Reconcile Generators, Stacks and AgentTargets of this namespace only [default: all]
+    #[arg(long, env = "BROKKR_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Reconcile only the Agents matching this label selector, e.g. fleet=eu [default: all]
+    #[arg(long, env = "BROKKR_AGENT_SELECTOR")]
+    pub agent_selector: Option<String>,
+
+    /// Name of the coordination.k8s.io Lease the replicas elect a leader with
+    #[arg(long, env = "BROKKR_LEASE_NAME", default_value = "brokkr-operator")]
+    pub lease_name: String,
+
+    /// This replica's identity in the lease [default: $POD_NAME, else the host name]
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Log as JSON lines
+    #[arg(long, env = "BROKKR_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// `90`, `90s`, `5m`, `1h` or `250ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 1h"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(value)),
+        "ms" => Ok(Duration::from_millis(value)),
+        "m" => Ok(Duration::from_secs(value * 60)),
+        "h" => Ok(Duration::from_secs(value * 3600)),
+        _ => Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
+    }
+}
+
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl RunArgs {
+    pub fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| {
+                std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                    .ok()
+                    .map(|ns| ns.trim().to_owned())
+                    .filter(|ns| !ns.is_empty())
+            })
+            .unwrap_or_else(|| "brokkr-system".to_owned())
+    }
+
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "brokkr-operator".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_the_common_units() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn run_is_the_default_and_flags_come_from_the_environment_too() {
+        let cli = Cli::try_parse_from(["brokkr-operator", "--deletion-timeout", "2m"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.deletion_timeout, Duration::from_secs(120));
+        let cli = Cli::try_parse_from(["brokkr-operator", "crd"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Crd)));
+    }
+}

@@ -1,0 +1,244 @@
+//! Agent (cluster-scoped) → `agents` row, labels, annotations, and the agent's key
+//! Secret in the operator's namespace.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
+use brokkr_crds::{Agent, AgentPhase, AgentStatus, SecretRef};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use tracing::instrument;
+
+use super::keys::ensure_key_secret;
+use super::{
+    Context, Error, Result, apply_status, label_strings, publish, resource_uid, with_finalizer,
+};
+use crate::status::{conditions_changed, now, to_time};
+use crate::store::{AgentKey, AgentSync, StoreError, limits};
+
+#[instrument(skip_all, fields(agent = %agent.name_any()))]
+pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
+    let api: Api<Agent> = Api::all(ctx.client.clone());
+    with_finalizer(
+        &ctx,
+        "agent",
+        api.clone(),
+        agent,
+        |agent| apply(agent, &ctx, api.clone()),
+        |agent| cleanup(agent, &ctx),
+    )
+    .await
+}
+
+pub fn secret_name(agent: &Agent) -> String {
+    format!("brokkr-agent-{}", agent.name_any())
+}
+
+/// Why an Agent's spec or labels cannot be recorded: pure.
+pub fn validate(agent: &Agent, labels: &[String]) -> Option<String> {
+    if let Err(err) = agent.spec.validate() {
+        return Some(err.to_string());
+    }
+    labels
+        .iter()
+        .find(|l| l.chars().count() > limits::LABEL)
+        .map(|label| {
+            format!(
+                "label {label:?} is {} characters as key=value; at most {} are allowed",
+                label.chars().count(),
+                limits::LABEL
+            )
+        })
+}
+
+async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Action> {
+    let labels = label_strings(&*agent);
+    let previous = agent.status.clone().unwrap_or_default();
+    let mut status = previous.clone();
+    status.observed_generation = agent.metadata.generation;
+
+    if let Some(message) = validate(&agent, &labels) {
+        refuse(ctx, &agent, &api, &previous, status, message).await?;
+        return Ok(Action::await_change());
+    }
+    let synced = ctx
+        .store
+        .sync_agent(&AgentSync {
+            resource_uid: resource_uid(&*agent)?,
+            name: &agent.name_any(),
+            cluster_name: &agent.spec.cluster_name,
+            is_suspended: agent.spec.suspend,
+            labels: &labels,
+            annotations: &agent.spec.annotations,
+        })
+        .await;
+    let row = match synced {
+        Ok(row) => row,
+        Err(err @ (StoreError::TooLong { .. } | StoreError::Conflict { .. })) => {
+            refuse(ctx, &agent, &api, &previous, status, err.to_string()).await?;
+            return Ok(Action::await_change());
+        }
+        Err(err) => return Err(err.into()),
+    };
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let owner = agent
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata("uid"))?;
+    let secret = secret_name(&agent);
+    if let Some(issued) =
+        ensure_key_secret(&secrets, &secret, owner, row.pak_hash.as_deref()).await?
+    {
+        ctx.store
+            .set_agent_key(
+                row.id,
+                &AgentKey {
+                    prefix: issued.prefix.clone(),
+                    hash: issued.hash.clone(),
+                },
+            )
+            .await?;
+        publish(
+            ctx,
+            &agent.object_ref(&()),
+            EventType::Normal,
+            "KeyIssued",
+            "IssueKey",
+            format!("issued a key into Secret {}/{secret}", ctx.config.namespace),
+        )
+        .await;
+    }
+
+    status.agent_id = Some(row.id.to_string());
+    status.key_secret = Some(SecretRef {
+        name: secret.clone(),
+        namespace: ctx.config.namespace.clone(),
+    });
+    status.version = row.agent_version.clone();
+    status.last_heartbeat = row.last_heartbeat.and_then(to_time);
+    status.phase = Some(if agent.spec.suspend {
+        AgentPhase::Suspended
+    } else {
+        match row.status.as_str() {
+            "Online" => AgentPhase::Online,
+            "Offline" => AgentPhase::Offline,
+            _ => AgentPhase::Pending,
+        }
+    });
+    let ready = if agent.spec.suspend {
+        new_condition(
+            types::READY,
+            true,
+            reasons::SUSPENDED,
+            "registered and suspended: the hub refuses its requests",
+            agent.metadata.generation,
+            now(),
+        )
+    } else {
+        new_condition(
+            types::READY,
+            true,
+            reasons::RECONCILED,
+            format!(
+                "registered; its key is in Secret {}/{secret}",
+                ctx.config.namespace
+            ),
+            agent.metadata.generation,
+            now(),
+        )
+    };
+    set_condition(&mut status.conditions, ready);
+    let online = match status.phase {
+        Some(AgentPhase::Online) => (true, reasons::HEARTBEAT, "heartbeats arrive on time"),
+        Some(AgentPhase::Offline) => (
+            false,
+            reasons::HEARTBEAT_MISSED,
+            "missed three heartbeats; what it applied stays as it was",
+        ),
+        _ if row.last_heartbeat.is_none() => (
+            false,
+            reasons::NEVER_CONNECTED,
+            "no heartbeat yet: install brokkr-agent in the spoke with this agent's key",
+        ),
+        _ => (false, reasons::SUSPENDED, "suspended"),
+    };
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            types::ONLINE,
+            online.0,
+            online.1,
+            online.2,
+            agent.metadata.generation,
+            now(),
+        ),
+    );
+    write_status(&api, &agent, &previous, &status).await?;
+    // Heartbeat times are refreshed this often; Online/Offline flips come at once.
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+async fn refuse(
+    ctx: &Context,
+    agent: &Agent,
+    api: &Api<Agent>,
+    previous: &AgentStatus,
+    mut status: AgentStatus,
+    message: String,
+) -> Result<()> {
+    let changed = set_condition(
+        &mut status.conditions,
+        new_condition(
+            types::READY,
+            false,
+            reasons::INVALID_SPEC,
+            message.clone(),
+            agent.metadata.generation,
+            now(),
+        ),
+    );
+    if changed {
+        publish(
+            ctx,
+            &agent.object_ref(&()),
+            EventType::Warning,
+            reasons::INVALID_SPEC,
+            "Register",
+            message,
+        )
+        .await;
+    }
+    write_status(api, agent, previous, &status).await
+}
+
+async fn write_status(
+    api: &Api<Agent>,
+    agent: &Agent,
+    previous: &AgentStatus,
+    status: &AgentStatus,
+) -> Result<()> {
+    let mut a = previous.clone();
+    let mut b = status.clone();
+    a.conditions.clear();
+    b.conditions.clear();
+    if a != b || conditions_changed(&previous.conditions, &status.conditions) {
+        apply_status(api, agent, status).await?;
+    }
+    Ok(())
+}
+
+async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action> {
+    // The key Secret goes with the Agent (owner reference); the row is retired, which
+    // also retires its events, and its requests are refused from now on.
+    if let Some(row) = ctx
+        .store
+        .find_live_agent_by_resource(resource_uid(&*agent)?)
+        .await?
+    {
+        ctx.store.soft_delete_agent(row.id).await?;
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,334 @@
+//! AgentTarget → the `agent_targets` rows of its Stack. A Stack's target set is the
+//! union of every AgentTarget naming it, so each reconcile recomputes that union.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
+use brokkr_crds::{Agent, AgentTarget, AgentTargetStatus, Stack};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use tracing::instrument;
+
+use super::{Context, Error, Result, apply_status, publish, resource_uid, with_finalizer};
+use crate::selector;
+use crate::status::{bounded_names, conditions_changed, now};
+
+#[instrument(skip_all, fields(agent_target = %target.name_any(), namespace = target.namespace().unwrap_or_default()))]
+pub async fn reconcile(target: Arc<AgentTarget>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = target
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<AgentTarget> = Api::namespaced(ctx.client.clone(), &namespace);
+    with_finalizer(
+        &ctx,
+        "agenttarget",
+        api.clone(),
+        target,
+        |target| apply(target, &ctx, api.clone()),
+        |target| cleanup(target, &ctx),
+    )
+    .await
+}
+
+/// Which Agents one AgentTarget selects: pure.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expansion {
+    /// Agent resource uids, by Agent name.
+    pub matched: BTreeMap<String, String>,
+    /// Names in `spec.agents` with no such Agent.
+    pub missing: Vec<String>,
+}
+
+pub fn expand(target: &AgentTarget, agents: &[Arc<Agent>]) -> Expansion {
+    let mut expansion = Expansion::default();
+    for name in &target.spec.agents {
+        match agents.iter().find(|a| &a.name_any() == name) {
+            Some(agent) => {
+                expansion
+                    .matched
+                    .insert(name.clone(), agent.uid().unwrap_or_default());
+            }
+            None => expansion.missing.push(name.clone()),
+        }
+    }
+    if let Some(selector) = &target.spec.agent_selector {
+        for agent in agents {
+            if selector::matches(selector, agent.labels()) {
+                expansion
+                    .matched
+                    .insert(agent.name_any(), agent.uid().unwrap_or_default());
+            }
+        }
+    }
+    expansion
+}
+
+async fn apply(target: Arc<AgentTarget>, ctx: &Context, api: Api<AgentTarget>) -> Result<Action> {
+    let previous = target.status.clone().unwrap_or_default();
+    let mut status = previous.clone();
+    status.observed_generation = target.metadata.generation;
+    let generation = target.metadata.generation;
+
+    if let Err(err) = target.spec.validate() {
+        let message = err.to_string();
+        status.matched_agents = 0;
+        status.agent_names.clear();
+        let condition = new_condition(
+            types::READY,
+            false,
+            reasons::INVALID_SPEC,
+            message.clone(),
+            generation,
+            now(),
+        );
+        finish(
+            ctx,
+            &target,
+            &api,
+            &previous,
+            status,
+            condition,
+            Some(message),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+
+    let agents = ctx.caches.agents.state();
+    let expansion = expand(&target, &agents);
+    status.matched_agents = expansion.matched.len() as i32;
+    status.agent_names = bounded_names(expansion.matched.keys().cloned().collect());
+
+    let stack_name = &target.spec.stack_ref.name;
+    let namespace = target.namespace().unwrap_or_default();
+    let stacks: Api<Stack> = Api::namespaced(ctx.client.clone(), &namespace);
+    let stack_row = match stacks.get_opt(stack_name).await? {
+        Some(stack) => {
+            ctx.store
+                .find_live_stack_by_resource(resource_uid(&stack)?)
+                .await?
+        }
+        None => None,
+    };
+    let Some(stack_row) = stack_row else {
+        let message = format!("Stack {stack_name:?} not found in namespace {namespace}");
+        let condition = new_condition(
+            types::READY,
+            false,
+            reasons::STACK_NOT_FOUND,
+            message.clone(),
+            generation,
+            now(),
+        );
+        finish(
+            ctx,
+            &target,
+            &api,
+            &previous,
+            status,
+            condition,
+            Some(message),
+        )
+        .await?;
+        // The Stack watch brings this back when the Stack appears.
+        return Ok(Action::requeue(ctx.config.status_refresh));
+    };
+
+    sync_stack_targets(ctx, &namespace, stack_name, stack_row.id, None).await?;
+
+    let (condition, warning) = if !expansion.missing.is_empty() {
+        let message = format!("no Agent named {}", expansion.missing.join(", "));
+        (
+            new_condition(
+                types::READY,
+                false,
+                reasons::AGENT_NOT_FOUND,
+                message.clone(),
+                generation,
+                now(),
+            ),
+            Some(message),
+        )
+    } else if expansion.matched.is_empty() {
+        let message = "no Agent matches spec.agents or spec.agentSelector".to_owned();
+        (
+            new_condition(
+                types::READY,
+                false,
+                reasons::NO_AGENTS_MATCHED,
+                message.clone(),
+                generation,
+                now(),
+            ),
+            Some(message),
+        )
+    } else {
+        (
+            new_condition(
+                types::READY,
+                true,
+                reasons::MATCHED,
+                format!(
+                    "targets {} agents at Stack {stack_name}",
+                    expansion.matched.len()
+                ),
+                generation,
+                now(),
+            ),
+            None,
+        )
+    };
+    finish(ctx, &target, &api, &previous, status, condition, warning).await?;
+    Ok(Action::requeue(ctx.config.status_refresh))
+}
+
+/// Recomputes the Stack's target set from every AgentTarget naming it (but `leaving`,
+/// which is being deleted) and writes it.
+async fn sync_stack_targets(
+    ctx: &Context,
+    namespace: &str,
+    stack_name: &str,
+    stack_id: uuid::Uuid,
+    leaving: Option<&str>,
+) -> Result<()> {
+    let agents = ctx.caches.agents.state();
+    let mut resource_uids = BTreeSet::new();
+    for target in ctx.caches.agent_targets.state() {
+        let names_stack = target.namespace().as_deref() == Some(namespace)
+            && target.spec.stack_ref.name == stack_name
+            && target.metadata.deletion_timestamp.is_none()
+            && leaving != target.uid().as_deref();
+        if !names_stack || target.spec.validate().is_err() {
+            continue;
+        }
+        for uid in expand(&target, &agents).matched.into_values() {
+            if let Ok(uid) = uuid::Uuid::parse_str(&uid) {
+                resource_uids.insert(uid);
+            }
+        }
+    }
+    let agent_ids = ctx
+        .store
+        .live_agents_by_resources(&resource_uids)
+        .await?
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    ctx.store
+        .replace_stack_targets(stack_id, &agent_ids)
+        .await?;
+    Ok(())
+}
+
+async fn finish(
+    ctx: &Context,
+    target: &AgentTarget,
+    api: &Api<AgentTarget>,
+    previous: &AgentTargetStatus,
+    mut status: AgentTargetStatus,
+    condition: brokkr_crds::Condition,
+    warning: Option<String>,
+) -> Result<()> {
+    let reason = condition.reason.clone();
+    let changed = set_condition(&mut status.conditions, condition);
+    if changed && let Some(message) = warning {
+        publish(
+            ctx,
+            &target.object_ref(&()),
+            EventType::Warning,
+            &reason,
+            "Target",
+            message,
+        )
+        .await;
+    }
+    let mut a = previous.clone();
+    let mut b = status.clone();
+    a.conditions.clear();
+    b.conditions.clear();
+    if a != b || conditions_changed(&previous.conditions, &status.conditions) {
+        apply_status(api, target, &status).await?;
+    }
+    Ok(())
+}
+
+async fn cleanup(target: Arc<AgentTarget>, ctx: &Context) -> Result<Action> {
+    let namespace = target.namespace().unwrap_or_default();
+    let stack_name = &target.spec.stack_ref.name;
+    let stacks: Api<Stack> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(stack) = stacks.get_opt(stack_name).await?
+        && let Some(row) = ctx
+            .store
+            .find_live_stack_by_resource(resource_uid(&stack)?)
+            .await?
+    {
+        let leaving = target.uid();
+        sync_stack_targets(ctx, &namespace, stack_name, row.id, leaving.as_deref()).await?;
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brokkr_crds::{AgentSpec, AgentTargetSpec};
+
+    fn agent(name: &str, labels: &[(&str, &str)]) -> Arc<Agent> {
+        let mut agent = Agent::new(
+            name,
+            AgentSpec {
+                cluster_name: "c".into(),
+                ..Default::default()
+            },
+        );
+        agent.metadata.uid = Some(format!("uid-{name}"));
+        agent.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        Arc::new(agent)
+    }
+
+    fn target(yaml: &str) -> AgentTarget {
+        let spec: AgentTargetSpec = serde_yaml::from_str(yaml).unwrap();
+        AgentTarget::new("t", spec)
+    }
+
+    #[test]
+    fn names_and_selector_are_unioned() {
+        let agents = [
+            agent("edge-1", &[("env", "prod")]),
+            agent("edge-2", &[("env", "dev")]),
+            agent("edge-3", &[("env", "prod")]),
+        ];
+        let t = target(
+            "stackRef: {name: app}\nagents: [edge-2]\nagentSelector: {matchLabels: {env: prod}}\n",
+        );
+        let expansion = expand(&t, &agents);
+        assert_eq!(
+            expansion.matched.keys().collect::<Vec<_>>(),
+            vec!["edge-1", "edge-2", "edge-3"]
+        );
+        assert!(expansion.missing.is_empty());
+    }
+
+    #[test]
+    fn unknown_agent_names_are_reported() {
+        let agents = [agent("edge-1", &[])];
+        let t = target("stackRef: {name: app}\nagents: [edge-1, ghost]\n");
+        let expansion = expand(&t, &agents);
+        assert_eq!(expansion.missing, vec!["ghost".to_owned()]);
+        assert_eq!(expansion.matched.len(), 1);
+    }
+
+    #[test]
+    fn a_selector_matching_nothing_selects_nothing() {
+        let agents = [agent("edge-1", &[("env", "dev")])];
+        let t = target("stackRef: {name: app}\nagentSelector: {matchLabels: {env: prod}}\n");
+        assert!(expand(&t, &agents).matched.is_empty());
+    }
+}

@@ -1,0 +1,368 @@
+//! The hub's controllers: each custom resource kind mirrored into the database.
+//!
+//! Every reconcile is a pipeline: read what it refers to → validate (pure) → plan
+//! (pure) → one store transaction → Kubernetes writes (server-side apply) → status.
+//! Failures reach users as a Warning Event and a condition.
+
+mod agent;
+mod agent_target;
+mod generator;
+mod keys;
+mod stack;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use brokkr_crds::{Agent, AgentTarget, Generator, OPERATOR_FIELD_MANAGER, Stack};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer;
+use kube::runtime::reflector::{ObjectRef, Store as Cache};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// Settings the controllers need.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Namespace of the agents' key Secrets.
+    pub namespace: String,
+    /// How long a deleted Stack waits for its agents to report the removal.
+    pub deletion_timeout: Duration,
+    /// How often a Stack's status is refreshed from agent reports.
+    pub status_refresh: Duration,
+    /// Watch Generators, Stacks and AgentTargets of this namespace only (all when `None`).
+    pub watch_namespace: Option<String>,
+    /// Watch only the Agents matching this label selector (all when `None`).
+    pub agent_selector: Option<String>,
+    /// Agents send heartbeats this often; three missed ones mark an agent Offline.
+    pub heartbeat_interval: Duration,
+    /// Where agent reports are announced (PostgreSQL notifications); without it,
+    /// status follows reports only through the periodic refresh.
+    pub database_url: Option<String>,
+}
+
+impl ControllerConfig {
+    fn namespaced<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.watch_namespace {
+            Some(namespace) => Api::namespaced(client.clone(), namespace),
+            None => Api::all(client.clone()),
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub store: Store,
+    pub recorder: Recorder,
+    pub config: ControllerConfig,
+    pub metrics: Metrics,
+    caches: Caches,
+}
+
+/// The watched objects other controllers consult (Agents for target expansion, ...).
+#[derive(Clone)]
+struct Caches {
+    agents: Cache<Agent>,
+    agent_targets: Cache<AgentTarget>,
+    stacks: Cache<Stack>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read or write the database")]
+    Store(#[from] StoreError),
+    #[error("failed to call the Kubernetes API")]
+    Kube(#[from] kube::Error),
+    #[error("object has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("waiting for agents to report the deletion")]
+    DeletionPending,
+    #[error(transparent)]
+    Finalizer(#[from] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Whether this is the normal state of waiting, not a failure worth an Event.
+    fn is_waiting(&self) -> bool {
+        match self {
+            Error::DeletionPending => true,
+            Error::Finalizer(inner) => {
+                matches!(
+                    **inner,
+                    finalizer::Error::CleanupFailed(Error::DeletionPending)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The error chain as one line, for Events and conditions (never content or keys:
+/// nothing in our errors carries them).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        // Some errors print their source in their own message; say it once.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    const MAX: usize = 1000;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// Runs every controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    store: Store,
+    config: ControllerConfig,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let watch = watcher::Config::default().any_semantic();
+    let watch_agents = match &config.agent_selector {
+        Some(selector) => watch.clone().labels(selector),
+        None => watch.clone(),
+    };
+
+    let agents = Controller::new(Api::<Agent>::all(client.clone()), watch_agents.clone());
+    let agent_targets = Controller::new(config.namespaced::<AgentTarget>(&client), watch.clone());
+    let stacks = Controller::new(config.namespaced::<Stack>(&client), watch.clone());
+    let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
+    let stacks_api = config.namespaced::<Stack>(&client);
+    let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
+    let (agent_triggers, agent_requests) = tokio::sync::mpsc::channel(1024);
+    let triggers = crate::mirror::Triggers {
+        stacks: stack_triggers,
+        agents: agent_triggers,
+    };
+    let agents = agents.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(agent_requests));
+    let stacks = stacks.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(stack_requests));
+    let mut mirror = Vec::new();
+    if let Some(url) = &config.database_url {
+        mirror.push(tokio::spawn(crate::mirror::listen(
+            url.clone(),
+            triggers.clone(),
+        )));
+    }
+    mirror.push(tokio::spawn(crate::mirror::sweep_offline(
+        store.clone(),
+        config.heartbeat_interval,
+        triggers,
+    )));
+    let generators_api = config.namespaced::<Generator>(&client);
+    let owned_stacks = config.namespaced::<Stack>(&client);
+
+    let caches = Caches {
+        agents: agents.store(),
+        agent_targets: agent_targets.store(),
+        stacks: stacks.store(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter::from("brokkr-operator")),
+        client: client.clone(),
+        store,
+        config,
+        metrics,
+        caches: caches.clone(),
+    });
+
+    // Any Agent change may change which agents an AgentTarget selects.
+    let targets_for_agents = caches.agent_targets.clone();
+    let targets_for_stacks = caches.agent_targets.clone();
+    let stacks_for_generators = caches.stacks.clone();
+
+    let agents = agents
+        .graceful_shutdown_on(shutdown.clone())
+        .run(agent::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let agent_targets = agent_targets
+        .watches(Api::<Agent>::all(client.clone()), watch_agents, move |_| {
+            targets_for_agents
+                .state()
+                .iter()
+                .map(|t| ObjectRef::from_obj(&**t))
+                .collect::<Vec<_>>()
+        })
+        .watches(stacks_api, watch.clone(), move |stack| {
+            let namespace = stack.namespace();
+            let name = stack.name_any();
+            targets_for_stacks
+                .state()
+                .iter()
+                .filter(|t| t.namespace() == namespace && t.spec.stack_ref.name == name)
+                .map(|t| ObjectRef::from_obj(&**t))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown.clone())
+        .run(agent_target::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let stacks = stacks
+        .watches(generators_api, watch.clone(), move |generator| {
+            let namespace = generator.namespace();
+            let name = generator.name_any();
+            stacks_for_generators
+                .state()
+                .iter()
+                .filter(|s| s.namespace() == namespace && s.spec.generator_ref.name == name)
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown.clone())
+        .run(stack::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let generators = generators
+        // A Generator's status counts its Stacks, which it owns.
+        .owns(owned_stacks, watch.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(generator::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    tokio::join!(agents, agent_targets, stacks, generators);
+    for task in mirror {
+        task.abort();
+    }
+}
+
+fn error_policy<K>(_object: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    if err.is_waiting() {
+        debug!("{}", error_chain(err));
+        Action::requeue(Duration::from_secs(2))
+    } else {
+        warn!(error = %error_chain(err), "reconcile failed");
+        Action::requeue(Duration::from_secs(10))
+    }
+}
+
+/// Runs `reconcile` for `object` behind the `brokkr.io/cleanup` finalizer, counting it
+/// and telling the object's users about failures through a Warning Event.
+async fn with_finalizer<K, Apply, Cleanup, ApplyFut, CleanupFut>(
+    ctx: &Context,
+    controller: &'static str,
+    api: Api<K>,
+    object: Arc<K>,
+    apply: Apply,
+    cleanup: Cleanup,
+) -> Result<Action>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    Apply: FnOnce(Arc<K>) -> ApplyFut,
+    Cleanup: FnOnce(Arc<K>) -> CleanupFut,
+    ApplyFut: std::future::Future<Output = Result<Action>>,
+    CleanupFut: std::future::Future<Output = Result<Action>>,
+{
+    let reference = object.object_ref(&());
+    let timer = ctx.metrics.reconcile_started(controller);
+    let outcome = finalizer::finalizer(&api, brokkr_crds::FINALIZER, object, |event| async {
+        match event {
+            finalizer::Event::Apply(object) => apply(object).await,
+            finalizer::Event::Cleanup(object) => cleanup(object).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(Box::new(err)));
+    timer.finish(outcome.is_ok() || outcome.as_ref().is_err_and(Error::is_waiting));
+    if let Err(err) = &outcome
+        && !err.is_waiting()
+    {
+        let note = error_chain(err);
+        publish(
+            ctx,
+            &reference,
+            EventType::Warning,
+            "ReconcileError",
+            "Reconcile",
+            note,
+        )
+        .await;
+    }
+    outcome
+}
+
+/// Publishes a Kubernetes Event about an object; a failure to publish is only logged.
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, reference).await {
+        warn!(error = %error_chain(&err), reason, "failed to publish an Event");
+    }
+}
+
+/// Writes `status` to the object's status subresource with server-side apply.
+async fn apply_status<K>(api: &Api<K>, object: &K, status: impl Serialize) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "name": object.name_any() },
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The resource's `metadata.uid` as a UUID.
+fn resource_uid<K: Resource>(object: &K) -> Result<uuid::Uuid> {
+    object
+        .meta()
+        .uid
+        .as_deref()
+        .and_then(|uid| uuid::Uuid::parse_str(uid).ok())
+        .ok_or(Error::MissingMetadata("uid"))
+}
+
+/// `key=value` strings of the resource's labels, as the database keeps them.
+fn label_strings<K: Resource>(object: &K) -> Vec<String> {
+    object
+        .meta()
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}

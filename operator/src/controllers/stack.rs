@@ -1,0 +1,425 @@
+//! Stack → `stacks` row, labels, annotations and deployment objects; status from the
+//! agents' reports; deletion held by the finalizer until the agents report removal.
+
+use std::sync::Arc;
+
+use brokkr_crds::conditions::{find_condition, reasons, types};
+use brokkr_crds::wire::EventStatus;
+use brokkr_crds::{API_VERSION, Generator, OPERATOR_FIELD_MANAGER, Stack, StackStatus};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, instrument};
+
+use super::{
+    Context, Error, Result, apply_status, label_strings, publish, resource_uid, with_finalizer,
+};
+use crate::render::{Rendered, render_manifests, render_resources};
+use crate::status::{Acceptance, StackStatusInput, conditions_changed, now, stack_status};
+use crate::store::{StackContent, StackSync, StoreError, limits};
+
+#[instrument(skip_all, fields(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default()))]
+pub async fn reconcile(stack: Arc<Stack>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = stack
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<Stack> = Api::namespaced(ctx.client.clone(), &namespace);
+    with_finalizer(
+        &ctx,
+        "stack",
+        api.clone(),
+        stack,
+        |stack| apply(stack, &ctx, api.clone()),
+        |stack| cleanup(stack, &ctx),
+    )
+    .await
+}
+
+/// What the Stack's spec asks to record, decided without touching anything.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    Record(Rendered),
+    Suspended,
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Validates and renders the spec: pure.
+pub fn plan(stack: &Stack, labels: &[String]) -> Plan {
+    if let Err(err) = stack.spec.validate() {
+        return Plan::Refuse {
+            reason: reasons::INVALID_SPEC,
+            message: err.to_string(),
+        };
+    }
+    if let Some(label) = labels.iter().find(|l| l.chars().count() > limits::LABEL) {
+        return Plan::Refuse {
+            reason: reasons::INVALID_SPEC,
+            message: format!(
+                "label {label:?} is {} characters as key=value; at most {} are allowed",
+                label.chars().count(),
+                limits::LABEL
+            ),
+        };
+    }
+    if stack.spec.suspend {
+        return Plan::Suspended;
+    }
+    let rendered = match (&stack.spec.resources, &stack.spec.manifests) {
+        (Some(resources), None) => render_resources(resources),
+        (None, Some(manifests)) => render_manifests(manifests),
+        // validate() has refused the other combinations.
+        _ => return Plan::Suspended,
+    };
+    match rendered {
+        Ok(rendered) => Plan::Record(rendered),
+        Err(err) => Plan::Refuse {
+            reason: reasons::INVALID_MANIFEST,
+            message: err.to_string(),
+        },
+    }
+}
+
+async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Action> {
+    let namespace = stack
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let generators: Api<Generator> = Api::namespaced(ctx.client.clone(), &namespace);
+    let generator_name = &stack.spec.generator_ref.name;
+    let generator = generators.get_opt(generator_name).await?;
+    let generator_row = match &generator {
+        Some(generator) => {
+            ctx.store
+                .find_live_generator_by_resource(resource_uid(generator)?)
+                .await?
+        }
+        None => None,
+    };
+    let (Some(generator), Some(generator_row)) = (generator, generator_row) else {
+        let message = format!("Generator {generator_name:?} not found in namespace {namespace}");
+        refuse_without_row(&stack, ctx, &api, reasons::GENERATOR_NOT_FOUND, message).await?;
+        // The Generator watch brings it back as soon as the Generator appears.
+        return Ok(Action::requeue(ctx.config.status_refresh));
+    };
+    ensure_owner(&stack, &generator, &api).await?;
+
+    let labels = label_strings(&*stack);
+    let plan = plan(&stack, &labels);
+    let name = format!("{namespace}/{}", stack.name_any());
+    let (content, acceptance) = match &plan {
+        Plan::Record(rendered) => (
+            Some(StackContent {
+                yaml: &rendered.yaml,
+                checksum: &rendered.checksum,
+            }),
+            Acceptance::Recorded,
+        ),
+        Plan::Suspended => (None, Acceptance::Suspended),
+        Plan::Refuse { reason, message } => (
+            None,
+            Acceptance::Refused {
+                reason,
+                message: message.clone(),
+            },
+        ),
+    };
+    let refused_metadata =
+        matches!(&plan, Plan::Refuse { reason, .. } if *reason == reasons::INVALID_SPEC);
+    let synced = ctx
+        .store
+        .sync_stack(&StackSync {
+            resource_uid: resource_uid(&*stack)?,
+            name: &name,
+            description: stack.spec.description.as_deref(),
+            generator_id: generator_row.id,
+            // A refused spec keeps the labels and annotations last recorded.
+            labels: (!refused_metadata).then_some(labels.as_slice()),
+            annotations: (!refused_metadata).then_some(&stack.spec.annotations),
+            content,
+        })
+        .await;
+    let synced = match synced {
+        Ok(synced) => synced,
+        Err(err @ (StoreError::TooLong { .. } | StoreError::Conflict { .. })) => {
+            let message = err.to_string();
+            refuse_without_row(&stack, ctx, &api, reasons::INVALID_SPEC, message).await?;
+            return Ok(Action::requeue(ctx.config.status_refresh));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let reference = stack.object_ref(&());
+    if synced.created_deployment_object
+        && let Some(object) = &synced.deployment_object
+    {
+        info!(
+            sequence = object.sequence_id,
+            "recorded a new deployment object"
+        );
+        publish(
+            ctx,
+            &reference,
+            EventType::Normal,
+            "Recorded",
+            "Record",
+            format!(
+                "recorded deployment object sequence {} ({} objects)",
+                object.sequence_id,
+                match &plan {
+                    Plan::Record(r) => r.objects,
+                    _ => 0,
+                }
+            ),
+        )
+        .await;
+    }
+
+    let agents = match &synced.deployment_object {
+        Some(object) => ctx.store.stack_status(synced.stack.id, object.id).await?,
+        None => Vec::new(),
+    };
+    let previous = stack.status.clone();
+    let status = stack_status(StackStatusInput {
+        generation: stack.metadata.generation,
+        stack_id: Some(synced.stack.id.to_string()),
+        deployment_object: synced.deployment_object.as_ref(),
+        acceptance: acceptance.clone(),
+        agents: &agents,
+        previous: previous.as_ref(),
+        now: now(),
+    });
+    announce_refusal(ctx, &reference, previous.as_ref(), &status).await;
+    write_status(&api, &stack, previous.as_ref(), &status).await?;
+    Ok(Action::requeue(ctx.config.status_refresh))
+}
+
+/// Status for a Stack that cannot be recorded at all (no generator, name too long...).
+async fn refuse_without_row(
+    stack: &Stack,
+    ctx: &Context,
+    api: &Api<Stack>,
+    reason: &'static str,
+    message: String,
+) -> Result<()> {
+    let previous = stack.status.clone();
+    let current = match previous.as_ref().and_then(|s| s.stack_id.as_deref()) {
+        Some(id) => match uuid::Uuid::parse_str(id) {
+            Ok(id) => ctx.store.current_deployment_object(id).await?,
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let status = stack_status(StackStatusInput {
+        generation: stack.metadata.generation,
+        stack_id: previous.as_ref().and_then(|s| s.stack_id.clone()),
+        deployment_object: current.as_ref(),
+        acceptance: Acceptance::Refused { reason, message },
+        agents: &[],
+        previous: previous.as_ref(),
+        now: now(),
+    });
+    announce_refusal(ctx, &stack.object_ref(&()), previous.as_ref(), &status).await;
+    write_status(api, stack, previous.as_ref(), &status).await
+}
+
+/// A Warning Event when `Accepted` turns False or its reason or message changes.
+async fn announce_refusal(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    previous: Option<&StackStatus>,
+    status: &StackStatus,
+) {
+    let Some(accepted) = find_condition(&status.conditions, types::ACCEPTED) else {
+        return;
+    };
+    if accepted.status != "False" {
+        return;
+    }
+    let before = previous.and_then(|p| find_condition(&p.conditions, types::ACCEPTED));
+    let unchanged = before.is_some_and(|b| {
+        b.status == accepted.status && b.reason == accepted.reason && b.message == accepted.message
+    });
+    if !unchanged {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            &accepted.reason,
+            "Record",
+            accepted.message.clone(),
+        )
+        .await;
+    }
+}
+
+async fn write_status(
+    api: &Api<Stack>,
+    stack: &Stack,
+    previous: Option<&StackStatus>,
+    status: &StackStatus,
+) -> Result<()> {
+    let changed = match previous {
+        None => true,
+        Some(previous) => {
+            let mut a = previous.clone();
+            let mut b = status.clone();
+            a.conditions.clear();
+            b.conditions.clear();
+            a != b || conditions_changed(&previous.conditions, &status.conditions)
+        }
+    };
+    if changed {
+        apply_status(api, stack, status).await?;
+    }
+    Ok(())
+}
+
+/// Makes the Stack a dependent of its Generator, so that Kubernetes' garbage
+/// collector deletes it with the Generator.
+async fn ensure_owner(stack: &Stack, generator: &Generator, api: &Api<Stack>) -> Result<()> {
+    let Some(owner) = generator.controller_owner_ref(&()) else {
+        return Err(Error::MissingMetadata("uid"));
+    };
+    let owned = stack.owner_references().iter().any(|r| r.uid == owner.uid);
+    if owned {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": "Stack",
+        "metadata": { "name": stack.name_any(), "ownerReferences": [owner] },
+    });
+    api.patch(
+        &stack.name_any(),
+        &PatchParams::apply(OPERATOR_FIELD_MANAGER),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
+    let Some(row) = ctx
+        .store
+        .find_newest_stack_by_resource(resource_uid(&*stack)?)
+        .await?
+    else {
+        return Ok(Action::await_change());
+    };
+    if row.deleted_at.is_none() {
+        ctx.store.soft_delete_stack(row.id).await?;
+    }
+    let Some(marker) = ctx.store.current_deployment_object(row.id).await? else {
+        return Ok(Action::await_change());
+    };
+    let agents = ctx.store.stack_status(row.id, marker.id).await?;
+    let waiting: Vec<&str> = agents
+        .iter()
+        .filter(|a| {
+            !a.outcome.as_ref().is_some_and(|o| {
+                o.event_type == "Delete" && o.status == EventStatus::Success.as_str()
+            })
+        })
+        .map(|a| a.agent_name.as_str())
+        .collect();
+    if waiting.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let deleting_for = stack
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| {
+            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            std::time::Duration::try_from(elapsed).ok()
+        })
+        .unwrap_or_default();
+    if deleting_for >= ctx.config.deletion_timeout {
+        publish(
+            ctx,
+            &stack.object_ref(&()),
+            EventType::Warning,
+            "DeletionTimedOut",
+            "Delete",
+            format!(
+                "released after {}s without a removal report from: {}",
+                ctx.config.deletion_timeout.as_secs(),
+                waiting.join(", ")
+            ),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    tracing::debug!(waiting = ?waiting, "waiting for agents to remove the stack");
+    Err(Error::DeletionPending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brokkr_crds::StackSpec;
+
+    fn stack(yaml: &str) -> Stack {
+        let spec: StackSpec = serde_yaml::from_str(yaml).unwrap();
+        Stack::new("app", spec)
+    }
+
+    #[test]
+    fn valid_manifests_plan_a_recording() {
+        let s = stack(
+            "generatorRef: {name: gen}\nmanifests: |\n  apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: a}\n",
+        );
+        assert!(matches!(plan(&s, &[]), Plan::Record(r) if r.objects == 1));
+    }
+
+    #[test]
+    fn broken_manifests_plan_a_refusal_with_the_parser_message() {
+        let s = stack("generatorRef: {name: gen}\nmanifests: \"kind: [\"\n");
+        match plan(&s, &[]) {
+            Plan::Refuse { reason, message } => {
+                assert_eq!(reason, "InvalidManifest");
+                assert!(message.starts_with("document 1: invalid YAML"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_spec_with_both_sources_is_refused() {
+        let s = stack(
+            "generatorRef: {name: gen}\nmanifests: \"a: 1\"\nresources: [{apiVersion: v1, kind: ConfigMap, metadata: {name: a}}]\n",
+        );
+        assert!(matches!(
+            plan(&s, &[]),
+            Plan::Refuse {
+                reason: "InvalidSpec",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn long_labels_are_refused_not_truncated() {
+        let s = stack(
+            "generatorRef: {name: gen}\nmanifests: |\n  apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: a}\n",
+        );
+        let label = format!("team={}", "x".repeat(60));
+        match plan(&s, &[label]) {
+            Plan::Refuse { reason, message } => {
+                assert_eq!(reason, "InvalidSpec");
+                assert!(message.contains("65 characters"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_suspended_stack_records_nothing() {
+        let s = stack(
+            "generatorRef: {name: gen}\nsuspend: true\nmanifests: |\n  apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: a}\n",
+        );
+        assert_eq!(plan(&s, &[]), Plan::Suspended);
+    }
+}

@@ -1,0 +1,104 @@
+//! The status mirror: what agents report (events, heartbeats) flows back into the
+//! Stack and Agent resources. PostgreSQL notifications say which resource to refresh;
+//! the controllers' periodic requeue is the safety net for anything missed.
+
+use std::time::Duration;
+
+use brokkr_crds::{Agent, Stack};
+use kube::runtime::reflector::ObjectRef;
+use sea_orm::sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::store::Store;
+
+pub const STATUS_CHANNEL: &str = "brokkr_status";
+pub const AGENTS_CHANNEL: &str = "brokkr_agents";
+
+/// Where refresh requests go: the Stack and Agent controllers' `reconcile_on` streams.
+#[derive(Clone)]
+pub struct Triggers {
+    pub stacks: mpsc::Sender<ObjectRef<Stack>>,
+    pub agents: mpsc::Sender<ObjectRef<Agent>>,
+}
+
+/// The Stack named `<namespace>/<name>` in the database.
+pub fn stack_ref(database_name: &str) -> Option<ObjectRef<Stack>> {
+    let (namespace, name) = database_name.split_once('/')?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// Forwards notifications to the controllers until the process ends, reconnecting
+/// after failures.
+pub async fn listen(database_url: String, triggers: Triggers) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if let Err(err) = listen_once(&database_url, &triggers).await {
+            warn!(error = %err, "lost the status notification connection; reconnecting");
+        }
+        if triggers.stacks.is_closed() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_orm::sqlx::Error> {
+    let mut listener = PgListener::connect(database_url).await?;
+    listener
+        .listen_all([STATUS_CHANNEL, AGENTS_CHANNEL])
+        .await?;
+    info!("listening for agent reports");
+    loop {
+        let notification = listener.recv().await?;
+        let sent = match notification.channel() {
+            STATUS_CHANNEL => match stack_ref(notification.payload()) {
+                Some(stack) => triggers.stacks.send(stack).await.is_ok(),
+                None => true,
+            },
+            _ => triggers
+                .agents
+                .send(ObjectRef::new(notification.payload()))
+                .await
+                .is_ok(),
+        };
+        if !sent {
+            // The controllers stopped (leadership lost).
+            return Ok(());
+        }
+    }
+}
+
+/// Every `interval`, marks agents silent for three intervals `Offline`; the status
+/// change notifies [`listen`], which refreshes their Agent resources.
+pub async fn sweep_offline(store: Store, interval: Duration, triggers: Triggers) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        if triggers.agents.is_closed() {
+            return;
+        }
+        match store.mark_silent_agents_offline(interval * 3).await {
+            Ok(names) => {
+                for name in names {
+                    info!(agent = %name, "agent missed three heartbeats: Offline");
+                }
+            }
+            Err(err) => warn!(error = %err, "failed to mark silent agents Offline"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_names_map_to_their_resources() {
+        let stack = stack_ref("shop/web").unwrap();
+        assert_eq!(stack.name, "web");
+        assert_eq!(stack.namespace.as_deref(), Some("shop"));
+        assert!(stack_ref("no-namespace").is_none());
+    }
+}

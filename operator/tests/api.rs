@@ -1,0 +1,538 @@
+//! The agent API against a real PostgreSQL: in-process with `oneshot`, and over a real
+//! socket for the long-poll.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use brokkr_crds::wire::{self, DesiredState};
+use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
+use brokkr_operator::keys::issue_key;
+use brokkr_operator::store::{AgentKey, AgentSync, GeneratorSync, StackContent, StackSync, Store};
+use brokkr_testdb::TestDb;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use uuid::Uuid;
+
+struct Fixture {
+    _db: TestDb,
+    store: Store,
+    app: Router,
+    generator: Uuid,
+    stack: Uuid,
+    object: Uuid,
+    agent: Uuid,
+    key: String,
+}
+
+async fn agent_with_key(store: &Store, name: &str) -> (Uuid, String) {
+    let agent = store
+        .sync_agent(&AgentSync {
+            resource_uid: Uuid::new_v4(),
+            name,
+            cluster_name: "edge",
+            is_suspended: false,
+            labels: &[],
+            annotations: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let issued = issue_key();
+    store
+        .set_agent_key(
+            agent.id,
+            &AgentKey {
+                prefix: issued.prefix.clone(),
+                hash: issued.hash.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    (agent.id, issued.key)
+}
+
+fn content(yaml: &str) -> (String, String) {
+    use sha2::Digest;
+    (yaml.to_owned(), hex::encode(sha2::Sha256::digest(yaml)))
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let db = TestDb::new().await;
+        let store = Store::new(db.conn().clone());
+        let changes = ChangeFeed::default();
+        tokio::spawn(changes.clone().listen(db.url().to_owned()));
+        let generator = store
+            .upsert_generator(&GeneratorSync {
+                resource_uid: Uuid::new_v4(),
+                name: "ns/ci",
+                description: None,
+                is_active: true,
+            })
+            .await
+            .unwrap()
+            .id;
+        let (yaml, checksum) = content("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n");
+        let synced = store
+            .sync_stack(&StackSync {
+                resource_uid: Uuid::new_v4(),
+                name: "ns/app",
+                description: None,
+                generator_id: generator,
+                labels: None,
+                annotations: None,
+                content: Some(StackContent {
+                    yaml: &yaml,
+                    checksum: &checksum,
+                }),
+            })
+            .await
+            .unwrap();
+        let (agent, key) = agent_with_key(&store, "edge-1").await;
+        store
+            .replace_stack_targets(synced.stack.id, &BTreeSet::from([agent]))
+            .await
+            .unwrap();
+        let app = api::app(ApiState::new(store.clone(), changes, ApiConfig::default()));
+        // Give the notification listener a moment to subscribe.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Fixture {
+            _db: db,
+            store,
+            app,
+            generator,
+            stack: synced.stack.id,
+            object: synced.deployment_object.unwrap().id,
+            agent,
+            key,
+        }
+    }
+
+    async fn call(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    fn get(&self, uri: &str) -> Request<Body> {
+        Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    fn post(&self, uri: &str, body: Value) -> Request<Body> {
+        Request::post(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    async fn desired(&self, query: &str) -> DesiredState {
+        let (status, body) = self
+            .call(self.get(&format!("/api/v1/agent/desired{query}")))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    async fn new_version(&self, yaml: &str) -> Uuid {
+        let (yaml, checksum) = content(yaml);
+        self.store
+            .record_deployment_object(
+                self.stack,
+                StackContent {
+                    yaml: &yaml,
+                    checksum: &checksum,
+                },
+            )
+            .await
+            .unwrap()
+            .0
+            .id
+    }
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_key_are_refused_with_json() {
+    let f = Fixture::new().await;
+    let uri = "/api/v1/agent/desired";
+    let (status, body) = f.call(Request::get(uri).body(Body::empty()).unwrap()).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    for bad in [
+        "Bearer not-a-key",
+        "Basic abc",
+        "Bearer brokkr_abc",
+        "Bearer brokkr_zzzz_wrongsecret",
+    ] {
+        let (status, body) = f
+            .call(
+                Request::get(uri)
+                    .header(header::AUTHORIZATION, bad)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    // The right prefix with the wrong secret.
+    let prefix = brokkr_operator::keys::key_prefix(&f.key).unwrap();
+    let forged = format!("Bearer brokkr_{prefix}_{}", "x".repeat(40));
+    let (status, body) = f
+        .call(
+            Request::get(uri)
+                .header(header::AUTHORIZATION, forged)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test]
+async fn suspended_and_deleted_agents_are_refused_with_a_reason() {
+    let f = Fixture::new().await;
+    let (suspended, key) = agent_with_key(&f.store, "edge-suspended").await;
+    f.store
+        .sync_agent(&AgentSync {
+            resource_uid: f
+                .store
+                .find_agent(suspended)
+                .await
+                .unwrap()
+                .unwrap()
+                .resource_uid
+                .unwrap(),
+            name: "edge-suspended",
+            cluster_name: "edge",
+            is_suspended: true,
+            labels: &[],
+            annotations: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let request = |key: &str| {
+        Request::get("/api/v1/agent/desired")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, body) = f.call(request(&key)).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    assert!(body["message"].as_str().unwrap().contains("suspended"));
+
+    let (deleted, key) = agent_with_key(&f.store, "edge-deleted").await;
+    f.store.soft_delete_agent(deleted).await.unwrap();
+    let (status, body) = f.call(request(&key)).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    assert!(body["message"].as_str().unwrap().contains("deleted"));
+}
+
+#[tokio::test]
+async fn desired_state_lists_targeted_stacks_with_a_cursor() {
+    let f = Fixture::new().await;
+    let desired = f.desired("").await;
+    assert_eq!(desired.stacks.len(), 1);
+    let stack = &desired.stacks[0];
+    assert_eq!(
+        (stack.stack_id, stack.deployment_object_id),
+        (f.stack, f.object)
+    );
+    assert_eq!(stack.stack_name, "ns/app");
+    assert!(!stack.deletion);
+    let again = f.desired(&format!("?since={}", desired.cursor)).await;
+    assert_eq!(again, desired, "no change, same cursor");
+
+    let (status, body) = f.call(f.get("/api/v1/agent/desired?since=garbage")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = f.call(f.get("/api/v1/agent/desired?wait=soon")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_as_soon_as_a_new_version_is_recorded() {
+    let f = Fixture::new().await;
+    let cursor = f.desired("").await.cursor;
+    let started = Instant::now();
+    let query = format!("?since={cursor}&wait=20");
+    let poll = f.desired(&query);
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n")
+            .await
+    };
+    let (desired, new_object) = tokio::join!(poll, write);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken, not timed out"
+    );
+    assert_ne!(desired.cursor, cursor);
+    assert_eq!(desired.stacks[0].deployment_object_id, new_object);
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_when_the_agents_targets_change_and_otherwise_waits_it_out() {
+    let f = Fixture::new().await;
+    let cursor = f.desired("").await.cursor;
+    let started = Instant::now();
+    let unchanged = f.desired(&format!("?since={cursor}&wait=1")).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for a change"
+    );
+    assert_eq!(unchanged.cursor, cursor);
+
+    let query = format!("?since={cursor}&wait=20");
+    let poll = f.desired(&query);
+    let untarget = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.store
+            .replace_stack_targets(f.stack, &BTreeSet::new())
+            .await
+            .unwrap();
+    };
+    let started = Instant::now();
+    let (desired, ()) = tokio::join!(poll, untarget);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        desired.stacks.is_empty(),
+        "the stack left the set: remove it"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_stack_arrives_as_a_deletion_marker() {
+    let f = Fixture::new().await;
+    let cursor = f.desired("").await.cursor;
+    let marker = f.store.soft_delete_stack(f.stack).await.unwrap().unwrap();
+    let desired = f.desired(&format!("?since={cursor}&wait=5")).await;
+    assert_eq!(desired.stacks.len(), 1);
+    assert!(desired.stacks[0].deletion);
+    assert_eq!(desired.stacks[0].deployment_object_id, marker.id);
+    let _ = f.generator;
+}
+
+#[tokio::test]
+async fn deployment_objects_are_served_only_to_targeted_agents() {
+    let f = Fixture::new().await;
+    let (status, body) = f
+        .call(f.get(&format!("/api/v1/agent/deployment-objects/{}", f.object)))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let object: wire::DeploymentObject = serde_json::from_value(body).unwrap();
+    assert!(object.yaml.contains("kind: ConfigMap"));
+    assert_eq!(object.stack_id, f.stack);
+
+    let (_, other_key) = agent_with_key(&f.store, "edge-2").await;
+    let (status, body) = f
+        .call(
+            Request::get(format!("/api/v1/agent/deployment-objects/{}", f.object))
+                .header(header::AUTHORIZATION, format!("Bearer {other_key}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = f.call(f.get("/api/v1/agent/deployment-objects/nope")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+}
+
+#[tokio::test]
+async fn event_batches_are_recorded_once_and_bad_ones_get_clear_4xx() {
+    let f = Fixture::new().await;
+    let event = |t: &str| json!({"id": Uuid::now_v7(), "deploymentObjectId": f.object, "type": t, "status": "Success", "message": "ok"});
+    let batch = json!({"events": [event("Apply"), event("Health")]});
+    let (status, body) = f.call(f.post("/api/v1/agent/events", batch.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"accepted": 2, "duplicates": 0}));
+    let (_, body) = f.call(f.post("/api/v1/agent/events", batch)).await;
+    assert_eq!(
+        body,
+        json!({"accepted": 0, "duplicates": 2}),
+        "a retry never duplicates"
+    );
+
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/events",
+            json!({"events": [event("Explode")]}),
+        ))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+
+    let foreign = json!({"events": [{"id": Uuid::now_v7(), "deploymentObjectId": Uuid::now_v7(), "type": "Apply", "status": "Success"}]});
+    let (status, body) = f.call(f.post("/api/v1/agent/events", foreign)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+    assert!(body["message"].as_str().unwrap().contains("not targeted"));
+
+    let too_many = json!({"events": (0..501).map(|_| event("Apply")).collect::<Vec<_>>()});
+    let (status, body) = f.call(f.post("/api/v1/agent/events", too_many)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+
+    let long_message = json!({"events": [{"id": Uuid::now_v7(), "deploymentObjectId": f.object, "type": "Apply", "status": "Failure", "message": "x".repeat(5000)}]});
+    let (status, body) = f.call(f.post("/api/v1/agent/events", long_message)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+
+    let malformed = Request::post("/api/v1/agent/events")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"events\": ["))
+        .unwrap();
+    let (status, body) = f.call(malformed).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+
+    let wrong_type = Request::post("/api/v1/agent/events")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.key))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, body) = f.call(wrong_type).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+
+    let huge = Request::post("/api/v1/agent/events")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(format!(
+            "{{\"events\": [], \"pad\": \"{}\"}}",
+            "x".repeat(api::BODY_LIMIT)
+        )))
+        .unwrap();
+    let (status, body) = f.call(huge).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_mark_the_agent_online() {
+    let f = Fixture::new().await;
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/heartbeat",
+            json!({"version": "0.1.0", "state": "Ready", "stacks": []}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["heartbeatIntervalSeconds"], 15);
+    let agent = f.store.find_agent(f.agent).await.unwrap().unwrap();
+    assert_eq!(agent.status, "Online");
+    assert_eq!(agent.agent_version.as_deref(), Some("0.1.0"));
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_answer_json() {
+    let f = Fixture::new().await;
+    let (status, body) = f.call(f.get("/api/v1/agent/nothing-here")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = f.call(f.post("/api/v1/agent/desired", json!({}))).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint() {
+    let f = Fixture::new().await;
+    let (status, body) = f
+        .call(
+            Request::get("/api/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["openapi"], "3.1.0");
+    for path in [
+        "/api/v1/agent/desired",
+        "/api/v1/agent/deployment-objects/{id}",
+        "/api/v1/agent/events",
+        "/api/v1/agent/heartbeat",
+    ] {
+        assert!(body["paths"][path].is_object(), "{path} documented");
+    }
+    assert!(body["components"]["schemas"]["EventBatch"].is_object());
+}
+
+#[tokio::test]
+async fn over_a_real_socket_a_long_poll_wakes_on_a_change() {
+    let f = Fixture::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, f.app.clone()).into_future());
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/agent/desired");
+    let first: DesiredState = client
+        .get(&url)
+        .bearer_auth(&f.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let poll = client
+        .get(format!("{url}?since={}&wait=20", first.cursor))
+        .bearer_auth(&f.key)
+        .send();
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n")
+            .await
+    };
+    let started = Instant::now();
+    let (response, new_object) = tokio::join!(poll, write);
+    let desired: DesiredState = response.unwrap().json().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(desired.stacks[0].deployment_object_id, new_object);
+
+    let unauthorized = client.get(&url).send().await.unwrap();
+    assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let body: Value = unauthorized.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized");
+}

@@ -1,0 +1,1156 @@
+//! The controllers against an API server (kubesim, or the cluster of $KUBECONFIG) and a
+//! real PostgreSQL: every kind's lifecycle, bad input, and deletion through the finalizer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use brokkr_crds::{
+    Agent, AgentSpec, AgentTarget, AgentTargetSpec, Generator, GeneratorSpec, Stack, StackSpec,
+};
+use brokkr_operator::controllers::{self, ControllerConfig};
+use brokkr_operator::entity::{deployment_objects, stacks};
+use brokkr_operator::keys::hash_key;
+use brokkr_operator::metrics::Metrics;
+use brokkr_operator::store::{EventReport, Store};
+use brokkr_testdb::TestDb;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use kubesim::testing::{TestCluster, eventually, eventually_within};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use tokio::sync::oneshot;
+
+struct Hub {
+    cluster: TestCluster,
+    db: TestDb,
+    store: Store,
+    agent_label: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Hub {
+    async fn start() -> Hub {
+        Hub::start_with(Duration::from_secs(60), Duration::from_millis(500)).await
+    }
+
+    async fn start_with(deletion_timeout: Duration, status_refresh: Duration) -> Hub {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let cluster = TestCluster::new().await;
+        brokkr_operator::run::install_crds(&cluster.client)
+            .await
+            .expect("install CRDs");
+        let db = TestDb::new().await;
+        let store = Store::new(db.conn().clone());
+        // On a shared real cluster, this test's controllers see only this test's objects.
+        let agent_label = cluster.namespace.clone();
+        let config = ControllerConfig {
+            namespace: cluster.namespace.clone(),
+            deletion_timeout,
+            status_refresh,
+            watch_namespace: Some(cluster.namespace.clone()),
+            agent_selector: Some(format!("brokkr.io/test={agent_label}")),
+            heartbeat_interval: Duration::from_secs(1),
+            database_url: Some(db.url().to_owned()),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controllers::run(
+            cluster.client.clone(),
+            store.clone(),
+            config,
+            Metrics::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Hub {
+            cluster,
+            db,
+            store,
+            agent_label,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        // Agents are cluster-scoped: remove this test's before the namespace goes.
+        let agents: Api<Agent> = Api::all(self.cluster.client.clone());
+        let selector = format!("brokkr.io/test={}", self.agent_label);
+        if let Ok(list) = agents.list(&ListParams::default().labels(&selector)).await {
+            for agent in list {
+                let _ = agents
+                    .patch(
+                        &agent.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+                let _ = agents
+                    .delete(&agent.name_any(), &DeleteParams::default())
+                    .await;
+            }
+        }
+        self.cluster.cleanup().await;
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        self.cluster.api()
+    }
+
+    fn namespace(&self) -> &str {
+        &self.cluster.namespace
+    }
+
+    async fn create_generator(&self, name: &str) -> Generator {
+        self.api::<Generator>()
+            .create(
+                &PostParams::default(),
+                &Generator::new(name, GeneratorSpec::default()),
+            )
+            .await
+            .expect("create Generator")
+    }
+
+    async fn create_stack(&self, name: &str, generator: &str, manifests: &str) -> Stack {
+        let spec = StackSpec {
+            generator_ref: brokkr_crds::GeneratorRef {
+                name: generator.into(),
+            },
+            manifests: Some(manifests.into()),
+            ..Default::default()
+        };
+        self.api::<Stack>()
+            .create(&PostParams::default(), &Stack::new(name, spec))
+            .await
+            .expect("create Stack")
+    }
+
+    /// An Agent (cluster-scoped) whose name is unique to this test.
+    async fn create_agent(&self, short: &str, labels: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::new(
+            &format!("{}-{short}", self.namespace()),
+            AgentSpec {
+                cluster_name: format!("cluster-{short}"),
+                ..Default::default()
+            },
+        );
+        let mut all: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.insert("brokkr.io/test".into(), self.agent_label.clone());
+        agent.metadata.labels = Some(all);
+        Api::<Agent>::all(self.cluster.client.clone())
+            .create(&PostParams::default(), &agent)
+            .await
+            .expect("create Agent")
+    }
+
+    async fn stack_when(&self, name: &str, what: &str, check: impl Fn(&Stack) -> bool) -> Stack {
+        let api = self.api::<Stack>();
+        eventually(what, || {
+            let api = api.clone();
+            let check = &check;
+            async move { api.get_opt(name).await.ok().flatten().filter(|s| check(s)) }
+        })
+        .await
+    }
+
+    async fn live_stack_row(&self, name: &str) -> Option<stacks::Model> {
+        stacks::Entity::find()
+            .filter(stacks::Column::Name.eq(format!("{}/{name}", self.namespace())))
+            .filter(stacks::Column::DeletedAt.is_null())
+            .one(self.db.conn())
+            .await
+            .expect("query stacks")
+    }
+
+    async fn objects_of(&self, stack_id: uuid::Uuid) -> Vec<deployment_objects::Model> {
+        deployment_objects::Entity::find()
+            .filter(deployment_objects::Column::StackId.eq(stack_id))
+            .order_by_asc(deployment_objects::Column::SequenceId)
+            .all(self.db.conn())
+            .await
+            .expect("query deployment objects")
+    }
+
+    async fn warning_events_for(&self, name: &str) -> Vec<Event> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .map(|list| {
+                list.items
+                    .into_iter()
+                    .filter(|e| {
+                        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                            && e.type_.as_deref() == Some("Warning")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn condition<'a>(
+    conditions: &'a [brokkr_crds::Condition],
+    type_: &str,
+) -> Option<&'a brokkr_crds::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn stack_condition(stack: &Stack, type_: &str) -> Option<(String, String, String)> {
+    stack
+        .status
+        .as_ref()
+        .and_then(|s| condition(&s.conditions, type_))
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+const CONFIG_MAP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: shop\ndata:\n  color: blue\n";
+
+#[tokio::test]
+async fn generator_gets_a_row_a_key_secret_and_status_and_is_cleaned_up() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    let api = hub.api::<Generator>();
+    let generator = eventually("generator status", || async {
+        api.get("ci")
+            .await
+            .ok()
+            .filter(|g| g.status.as_ref().is_some_and(|s| s.generator_id.is_some()))
+    })
+    .await;
+    assert!(
+        generator
+            .finalizers()
+            .contains(&brokkr_crds::FINALIZER.to_owned())
+    );
+    let status = generator.status.unwrap();
+    assert!(status.active);
+    assert_eq!(
+        status.api_key_secret.as_deref(),
+        Some("brokkr-generator-ci")
+    );
+    assert_eq!(
+        condition(&status.conditions, "Ready").unwrap().status,
+        "True"
+    );
+
+    let secret = hub
+        .api::<Secret>()
+        .get("brokkr-generator-ci")
+        .await
+        .unwrap();
+    let key = String::from_utf8(secret.data.unwrap()["pak"].0.clone()).unwrap();
+    assert!(key.starts_with("brokkr_"));
+    let id = uuid::Uuid::parse_str(status.generator_id.as_deref().unwrap()).unwrap();
+    let row = brokkr_operator::entity::generators::Entity::find_by_id(id)
+        .one(hub.db.conn())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.name, format!("{}/ci", hub.namespace()));
+    assert_eq!(row.api_key_hash.as_deref(), Some(hash_key(&key).as_str()));
+
+    api.patch(
+        "ci",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+    )
+    .await
+    .unwrap();
+    eventually("suspended generator is inactive", || async {
+        api.get("ci")
+            .await
+            .ok()
+            .filter(|g| g.status.as_ref().is_some_and(|s| !s.active))
+    })
+    .await;
+
+    api.delete("ci", &DeleteParams::default()).await.unwrap();
+    eventually("generator deleted", || async {
+        api.get_opt("ci")
+            .await
+            .ok()
+            .and_then(|g| g.is_none().then_some(()))
+    })
+    .await;
+    let row = brokkr_operator::entity::generators::Entity::find_by_id(id)
+        .one(hub.db.conn())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.deleted_at.is_some(), "the row is retired, not erased");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn stack_content_is_recorded_once_per_change_and_described_in_status() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let stack = hub
+        .stack_when("shop", "Stack accepted", |s| {
+            stack_condition(s, "Accepted").is_some_and(|c| c.0 == "True")
+                && s.status
+                    .as_ref()
+                    .is_some_and(|st| st.deployment_object.is_some())
+        })
+        .await;
+    let status = stack.status.clone().unwrap();
+    let first = status.deployment_object.clone().unwrap();
+    assert_eq!(status.ready.as_deref(), Some("0/0"));
+    assert_eq!(stack_condition(&stack, "Ready").unwrap().1, "NoTargets");
+    assert!(
+        stack
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "Generator" && o.name == "ci"),
+        "owned by its Generator"
+    );
+
+    let row = hub.live_stack_row("shop").await.expect("stack row");
+    assert_eq!(
+        status.stack_id.as_deref(),
+        Some(row.id.to_string().as_str())
+    );
+    let objects = hub.objects_of(row.id).await;
+    assert_eq!(objects.len(), 1);
+    assert!(objects[0].yaml_content.contains("color: blue"));
+    assert_eq!(objects[0].yaml_checksum, first.checksum);
+
+    // The same objects spelled differently are the same content: no new version.
+    let api = hub.api::<Stack>();
+    let respelled = "metadata: {namespace: shop, name: settings}\nkind: ConfigMap\napiVersion: v1\ndata: {color: blue}\n";
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"manifests": respelled}})),
+    )
+    .await
+    .unwrap();
+    hub.stack_when("shop", "generation observed", |s| {
+        s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation
+    })
+    .await;
+    assert_eq!(hub.objects_of(row.id).await.len(), 1);
+
+    // A real change is a new deployment object with a higher sequence.
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"spec": {"manifests": CONFIG_MAP.replace("blue", "green")}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let stack = hub
+        .stack_when("shop", "new version recorded", |s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.deployment_object.as_ref())
+                .is_some_and(|d| d.sequence > first.sequence)
+        })
+        .await;
+    let objects = hub.objects_of(row.id).await;
+    assert_eq!(objects.len(), 2);
+    assert_eq!(
+        stack.status.unwrap().deployment_object.unwrap().id,
+        objects[1].id.to_string()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_refused_with_a_condition_and_an_event_and_the_last_good_content_stays()
+ {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let good = hub
+        .stack_when("shop", "accepted", |s| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.deployment_object.is_some())
+        })
+        .await
+        .status
+        .unwrap()
+        .deployment_object
+        .unwrap();
+
+    for (broken, expected) in [
+        ("apiVersion: v1\nkind: [unclosed\n", "invalid YAML"),
+        (
+            "apiVersion: v1\nmetadata:\n  name: nameless-kind\n",
+            "missing kind",
+        ),
+        (
+            &*format!("{CONFIG_MAP}---\n{CONFIG_MAP}"),
+            "appears more than once",
+        ),
+    ] {
+        hub.api::<Stack>()
+            .patch(
+                "shop",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"manifests": broken}})),
+            )
+            .await
+            .unwrap();
+        let stack = hub
+            .stack_when("shop", expected, |s| {
+                stack_condition(s, "Accepted")
+                    .is_some_and(|c| c.0 == "False" && c.2.contains(expected))
+            })
+            .await;
+        let (_, reason, message) = stack_condition(&stack, "Accepted").unwrap();
+        assert_eq!(reason, "InvalidManifest");
+        assert!(message.contains(&format!(
+            "still serving deployment object sequence {}",
+            good.sequence
+        )));
+        assert_eq!(
+            stack.status.unwrap().deployment_object.unwrap(),
+            good,
+            "the last good deployment object stays current"
+        );
+    }
+    let row = hub.live_stack_row("shop").await.unwrap();
+    assert_eq!(
+        hub.objects_of(row.id).await.len(),
+        1,
+        "nothing invalid was recorded"
+    );
+    let warnings = eventually("a Warning event", || async {
+        let events = hub.warning_events_for("shop").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert!(
+        warnings
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidManifest"))
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_stack_waits_for_its_generator_and_proceeds_when_it_appears() {
+    let hub = Hub::start().await;
+    hub.create_stack("shop", "late", CONFIG_MAP).await;
+    let stack = hub
+        .stack_when("shop", "GeneratorNotFound", |s| {
+            stack_condition(s, "Accepted").is_some_and(|c| c.1 == "GeneratorNotFound")
+        })
+        .await;
+    assert!(
+        stack_condition(&stack, "Accepted")
+            .unwrap()
+            .2
+            .contains("\"late\"")
+    );
+    assert!(hub.live_stack_row("shop").await.is_none());
+
+    hub.create_generator("late").await;
+    hub.stack_when("shop", "accepted once the generator exists", |s| {
+        stack_condition(s, "Accepted").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    assert!(hub.live_stack_row("shop").await.is_some());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn labels_and_annotations_past_64_characters_are_refused_never_truncated() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    let mut stack = Stack::new(
+        "shop",
+        StackSpec {
+            generator_ref: brokkr_crds::GeneratorRef { name: "ci".into() },
+            manifests: Some(CONFIG_MAP.into()),
+            ..Default::default()
+        },
+    );
+    stack.metadata.labels = Some(BTreeMap::from([("team".into(), "x".repeat(60))]));
+    hub.api::<Stack>()
+        .create(&PostParams::default(), &stack)
+        .await
+        .unwrap();
+    let refused = hub
+        .stack_when("shop", "InvalidSpec", |s| {
+            stack_condition(s, "Accepted").is_some_and(|c| c.1 == "InvalidSpec")
+        })
+        .await;
+    assert!(
+        stack_condition(&refused, "Accepted")
+            .unwrap()
+            .2
+            .contains("65 characters")
+    );
+    let labels = brokkr_operator::entity::stack_labels::Entity::find()
+        .all(hub.db.conn())
+        .await
+        .unwrap();
+    assert!(labels.iter().all(|l| l.label.chars().count() <= 64));
+    assert!(
+        !labels.iter().any(|l| l.label.starts_with("team=")),
+        "nothing truncated was stored"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn agents_get_a_row_labels_and_a_key_secret() {
+    let hub = Hub::start().await;
+    let agent = hub.create_agent("edge", &[("env", "prod")]).await;
+    let name = agent.name_any();
+    let api: Api<Agent> = Api::all(hub.cluster.client.clone());
+    let agent = eventually("agent registered", || async {
+        api.get(&name)
+            .await
+            .ok()
+            .filter(|a| a.status.as_ref().is_some_and(|s| s.agent_id.is_some()))
+    })
+    .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.phase, Some(brokkr_crds::AgentPhase::Pending));
+    let secret_ref = status.key_secret.unwrap();
+    assert_eq!(secret_ref.name, format!("brokkr-agent-{name}"));
+    assert_eq!(secret_ref.namespace, hub.namespace());
+    let secret = hub.api::<Secret>().get(&secret_ref.name).await.unwrap();
+    let key = String::from_utf8(secret.data.unwrap()["pak"].0.clone()).unwrap();
+    let prefix = brokkr_operator::keys::key_prefix(&key).unwrap();
+    let row = hub
+        .store
+        .find_agent_by_key_prefix(prefix)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.name, name);
+    assert_eq!(row.cluster_name, "cluster-edge");
+    assert!(brokkr_operator::keys::key_matches(
+        &key,
+        row.pak_hash.as_deref().unwrap()
+    ));
+    let labels: BTreeSet<String> = brokkr_operator::entity::agent_labels::Entity::find()
+        .all(hub.db.conn())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.label)
+        .collect();
+    assert!(labels.contains("env=prod"));
+
+    api.delete(&name, &DeleteParams::default()).await.unwrap();
+    eventually("agent deleted", || async {
+        api.get_opt(&name)
+            .await
+            .ok()
+            .and_then(|a| a.is_none().then_some(()))
+    })
+    .await;
+    assert!(
+        hub.store
+            .find_agent_by_key_prefix(prefix)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn agent_targets_follow_names_selectors_and_label_changes() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let prod = hub.create_agent("prod", &[("env", "prod")]).await;
+    let dev = hub.create_agent("dev", &[("env", "dev")]).await;
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    let target = AgentTarget::new(
+        "prod-only",
+        AgentTargetSpec {
+            stack_ref: brokkr_crds::StackRef {
+                name: "shop".into(),
+            },
+            agent_selector: Some(serde_yaml::from_str("matchLabels: {env: prod}").unwrap()),
+            ..Default::default()
+        },
+    );
+    hub.api::<AgentTarget>()
+        .create(&PostParams::default(), &target)
+        .await
+        .unwrap();
+
+    let agent_id = |agent: &Agent| {
+        let store = hub.store.clone();
+        let uid = uuid::Uuid::parse_str(&agent.uid().unwrap()).unwrap();
+        async move {
+            store
+                .find_live_agent_by_resource(uid)
+                .await
+                .unwrap()
+                .map(|a| a.id)
+        }
+    };
+    let prod_id = eventually("prod agent row", || agent_id(&prod)).await;
+    let dev_id = eventually("dev agent row", || agent_id(&dev)).await;
+    eventually("prod targeted", || async {
+        let targets = hub
+            .store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap();
+        (targets == BTreeSet::from([prod_id])).then_some(())
+    })
+    .await;
+    let api = hub.api::<AgentTarget>();
+    let status = eventually("target status", || async {
+        api.get("prod-only")
+            .await
+            .ok()
+            .and_then(|t| t.status)
+            .filter(|s| s.matched_agents == 1)
+    })
+    .await;
+    assert_eq!(status.agent_names, vec![prod.name_any()]);
+    assert_eq!(
+        condition(&status.conditions, "Ready").unwrap().reason,
+        "Matched"
+    );
+
+    // Relabelling an Agent re-expands the selector.
+    Api::<Agent>::all(hub.cluster.client.clone())
+        .patch(
+            &dev.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"env": "prod"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("relabelled agent targeted", || async {
+        let targets = hub
+            .store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap();
+        (targets == BTreeSet::from([prod_id, dev_id])).then_some(())
+    })
+    .await;
+
+    // Deleting the AgentTarget removes its targets.
+    api.delete("prod-only", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("targets removed", || async {
+        let targets = hub
+            .store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap();
+        targets.is_empty().then_some(())
+    })
+    .await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn agent_targets_naming_missing_stacks_or_agents_say_so() {
+    let hub = Hub::start().await;
+    let api = hub.api::<AgentTarget>();
+    api.create(
+        &PostParams::default(),
+        &AgentTarget::new(
+            "orphan",
+            AgentTargetSpec {
+                stack_ref: brokkr_crds::StackRef {
+                    name: "nowhere".into(),
+                },
+                agents: vec!["ghost".into()],
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let status = eventually("StackNotFound", || async {
+        api.get("orphan")
+            .await
+            .ok()
+            .and_then(|t| t.status)
+            .filter(|s| {
+                condition(&s.conditions, "Ready").is_some_and(|c| c.reason == "StackNotFound")
+            })
+    })
+    .await;
+    assert!(
+        condition(&status.conditions, "Ready")
+            .unwrap()
+            .message
+            .contains("\"nowhere\"")
+    );
+
+    hub.create_generator("ci").await;
+    hub.create_stack("nowhere", "ci", CONFIG_MAP).await;
+    let status = eventually("AgentNotFound once the stack exists", || async {
+        api.get("orphan")
+            .await
+            .ok()
+            .and_then(|t| t.status)
+            .filter(|s| {
+                condition(&s.conditions, "Ready").is_some_and(|c| c.reason == "AgentNotFound")
+            })
+    })
+    .await;
+    assert!(
+        condition(&status.conditions, "Ready")
+            .unwrap()
+            .message
+            .contains("ghost")
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_stack_waits_for_its_agents_to_report_the_removal() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let agent = hub.create_agent("edge", &[]).await;
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                "edge",
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef {
+                        name: "shop".into(),
+                    },
+                    agents: vec![agent.name_any()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    let agent_id = eventually("agent targeted", || async {
+        hub.store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+
+    let api = hub.api::<Stack>();
+    api.delete("shop", &DeleteParams::default()).await.unwrap();
+    let marker = eventually("deletion marker written", || async {
+        hub.store
+            .current_deployment_object(stack_row.id)
+            .await
+            .unwrap()
+            .filter(|d| d.is_deletion_marker)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = api
+        .get_opt("shop")
+        .await
+        .unwrap()
+        .expect("held by its finalizer");
+    assert!(held.metadata.deletion_timestamp.is_some());
+
+    hub.store
+        .record_agent_events(
+            agent_id,
+            &[EventReport {
+                id: uuid::Uuid::now_v7(),
+                deployment_object_id: marker.id,
+                event_type: "Delete".into(),
+                status: "Success".into(),
+                message: None,
+            }],
+        )
+        .await
+        .unwrap();
+    eventually("stack released", || async {
+        api.get_opt("shop")
+            .await
+            .ok()
+            .and_then(|s| s.is_none().then_some(()))
+    })
+    .await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_stack_is_released_after_the_deletion_timeout_with_an_event() {
+    let hub = Hub::start_with(Duration::from_secs(2), Duration::from_millis(500)).await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let agent = hub.create_agent("silent", &[]).await;
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                "silent",
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef {
+                        name: "shop".into(),
+                    },
+                    agents: vec![agent.name_any()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    eventually("agent targeted", || async {
+        let targets = hub
+            .store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap();
+        (!targets.is_empty()).then_some(())
+    })
+    .await;
+    let api = hub.api::<Stack>();
+    api.delete("shop", &DeleteParams::default()).await.unwrap();
+    eventually_within(
+        Duration::from_secs(20),
+        "released after the timeout",
+        || async {
+            api.get_opt("shop")
+                .await
+                .ok()
+                .and_then(|s| s.is_none().then_some(()))
+        },
+    )
+    .await;
+    let events = eventually("DeletionTimedOut event", || async {
+        let events = hub.warning_events_for("shop").await;
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
+            .then_some(events)
+    })
+    .await;
+    let note = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_default();
+    assert!(
+        note.contains(&agent.name_any()),
+        "names who never reported: {note}"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_generator_deletes_its_stacks_and_retires_their_rows() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    hub.stack_when("shop", "owned and recorded", |s| {
+        !s.owner_references().is_empty()
+            && s.status
+                .as_ref()
+                .is_some_and(|st| st.deployment_object.is_some())
+    })
+    .await;
+    let row = hub.live_stack_row("shop").await.unwrap();
+
+    hub.api::<Generator>()
+        .delete("ci", &DeleteParams::background())
+        .await
+        .unwrap();
+    let stacks = hub.api::<Stack>();
+    eventually_within(
+        Duration::from_secs(60),
+        "stack garbage-collected",
+        || async {
+            stacks
+                .get_opt("shop")
+                .await
+                .ok()
+                .and_then(|s| s.is_none().then_some(()))
+        },
+    )
+    .await;
+    let retired = hub.store.find_stack(row.id).await.unwrap().unwrap();
+    assert!(retired.deleted_at.is_some());
+    let current = hub
+        .store
+        .current_deployment_object(row.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(current.is_deletion_marker);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_stack_recreated_under_the_same_name_gets_new_rows() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let first = hub
+        .stack_when("shop", "first recorded", |s| {
+            s.status.as_ref().is_some_and(|st| st.stack_id.is_some())
+        })
+        .await
+        .status
+        .unwrap()
+        .stack_id
+        .unwrap();
+    let api = hub.api::<Stack>();
+    api.delete("shop", &DeleteParams::default()).await.unwrap();
+    eventually("deleted", || async {
+        api.get_opt("shop")
+            .await
+            .ok()
+            .and_then(|s| s.is_none().then_some(()))
+    })
+    .await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let second = hub
+        .stack_when("shop", "second recorded", |s| {
+            s.status.as_ref().is_some_and(|st| st.stack_id.is_some())
+        })
+        .await
+        .status
+        .unwrap()
+        .stack_id
+        .unwrap();
+    assert_ne!(first, second);
+    let old = hub
+        .store
+        .find_stack(uuid::Uuid::parse_str(&first).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(old.deleted_at.is_some());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn only_one_replica_leads_and_another_takes_over_when_it_stops() {
+    use brokkr_operator::leader::{LeaseConfig, run_when_leader};
+    let cluster = TestCluster::new().await;
+    let leading = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let replica = |identity: &'static str| {
+        let client = cluster.client.clone();
+        let config = LeaseConfig {
+            name: "brokkr-test-lease".into(),
+            namespace: cluster.namespace.clone(),
+            identity: identity.into(),
+            duration: Duration::from_secs(3),
+            retry: Duration::from_millis(300),
+        };
+        let leading = leading.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run_when_leader(
+            client,
+            config,
+            Metrics::default(),
+            async move {
+                let _ = stopped.await;
+            },
+            move |mut lost| {
+                let leading = leading.clone();
+                async move {
+                    leading.lock().unwrap().push(identity);
+                    let _ = lost.wait_for(|l| *l).await;
+                    leading.lock().unwrap().retain(|i| *i != identity);
+                }
+            },
+        ));
+        (stop, task)
+    };
+    let (stop_a, task_a) = replica("a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop_b, task_b) = replica("b");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(*leading.lock().unwrap(), vec!["a"], "exactly one leader");
+
+    let _ = stop_a.send(());
+    let _ = task_a.await;
+    eventually_within(Duration::from_secs(10), "b takes over", || async {
+        (*leading.lock().unwrap() == vec!["b"]).then_some(())
+    })
+    .await;
+    let _ = stop_b.send(());
+    let _ = task_b.await;
+    cluster.cleanup().await;
+}
+
+async fn target_agent(hub: &Hub, stack: &str, agent: &Agent) -> (uuid::Uuid, uuid::Uuid) {
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                &format!("{stack}-{}", agent.name_any()),
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef { name: stack.into() },
+                    agents: vec![agent.name_any()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let stack_row = eventually("stack row", || hub.live_stack_row(stack)).await;
+    let agent_id = eventually("agent targeted", || async {
+        hub.store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+    (stack_row.id, agent_id)
+}
+
+fn report(object: uuid::Uuid, event_type: &str, status: &str, message: &str) -> EventReport {
+    EventReport {
+        id: uuid::Uuid::now_v7(),
+        deployment_object_id: object,
+        event_type: event_type.into(),
+        status: status.into(),
+        message: Some(message.into()),
+    }
+}
+
+#[tokio::test]
+async fn agent_reports_are_mirrored_into_stack_status_without_waiting_for_a_resync() {
+    // A refresh period far beyond the test: only the notifications can update status.
+    let hub = Hub::start_with(Duration::from_secs(60), Duration::from_secs(600)).await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let agent = hub.create_agent("edge", &[]).await;
+    let (stack_id, agent_id) = target_agent(&hub, "shop", &agent).await;
+    let object = hub
+        .store
+        .current_deployment_object(stack_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+
+    hub.store
+        .record_agent_events(
+            agent_id,
+            &[
+                report(object, "Apply", "Success", "applied 1 object"),
+                report(object, "Health", "Success", "healthy"),
+            ],
+        )
+        .await
+        .unwrap();
+    let stack = hub
+        .stack_when("shop", "Ready 1/1", |s| {
+            s.status.as_ref().and_then(|st| st.ready.as_deref()) == Some("1/1")
+        })
+        .await;
+    assert_eq!(stack_condition(&stack, "Ready").unwrap().0, "True");
+    let status = stack.status.unwrap();
+    assert_eq!(status.agents[0].name, agent.name_any());
+    assert_eq!(
+        status.agents[0].state,
+        brokkr_crds::AgentDeployState::Applied
+    );
+
+    hub.store
+        .record_agent_events(
+            agent_id,
+            &[report(
+                object,
+                "Apply",
+                "Failure",
+                "admission webhook \"policy\" denied the request",
+            )],
+        )
+        .await
+        .unwrap();
+    let stack = hub
+        .stack_when("shop", "Degraded", |s| {
+            stack_condition(s, "Degraded").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    let (_, reason, message) = stack_condition(&stack, "Degraded").unwrap();
+    assert_eq!(reason, "ApplyFailed");
+    assert!(message.contains(&agent.name_any()), "{message}");
+    let status = stack.status.unwrap();
+    assert_eq!(status.failed_agents, 1);
+    assert!(
+        status.agents[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("denied")
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn agents_go_online_with_heartbeats_and_offline_after_three_missed() {
+    let hub = Hub::start_with(Duration::from_secs(60), Duration::from_secs(600)).await;
+    let agent = hub.create_agent("edge", &[]).await;
+    let name = agent.name_any();
+    let api: Api<Agent> = Api::all(hub.cluster.client.clone());
+    let uid = uuid::Uuid::parse_str(&agent.uid().unwrap()).unwrap();
+    let row = eventually("agent row", || async {
+        hub.store.find_live_agent_by_resource(uid).await.unwrap()
+    })
+    .await;
+    hub.store.heartbeat(row.id, Some("9.9.9")).await.unwrap();
+    let online = eventually("Online", || async {
+        api.get(&name).await.ok().filter(|a| {
+            a.status.as_ref().and_then(|s| s.phase) == Some(brokkr_crds::AgentPhase::Online)
+        })
+    })
+    .await;
+    let status = online.status.unwrap();
+    assert_eq!(status.version.as_deref(), Some("9.9.9"));
+    assert!(status.last_heartbeat.is_some());
+
+    // The test hub expects a heartbeat every second: three missed ones mark it Offline.
+    eventually_within(Duration::from_secs(15), "Offline", || async {
+        api.get(&name).await.ok().filter(|a| {
+            a.status.as_ref().and_then(|s| s.phase) == Some(brokkr_crds::AgentPhase::Offline)
+        })
+    })
+    .await;
+    assert_eq!(
+        hub.store.find_agent(row.id).await.unwrap().unwrap().status,
+        "Offline"
+    );
+    hub.stop().await;
+}
