@@ -1,1 +1,64 @@
-//! agent
+//! brokkr-agent: the spoke-cluster agent of Brokkr.
+//!
+//! It long-polls the hub for the desired state of this cluster, fetches the deployment objects
+//! that changed, applies them with server-side apply (field manager `brokkr.io/agent`, forced),
+//! prunes what a stack no longer holds, corrects drift, and reports apply, delete and health
+//! events plus heartbeats back to the hub.
+//!
+//! [`run`] is the whole binary's behaviour; [`start`] starts it against a given cluster
+//! client and hands back an [`AgentHandle`] (tests use it).
+//!
+//! Decisions worth knowing:
+//! - A namespaced object without `metadata.namespace` goes to `default`; cluster-scoped
+//!   objects never get a namespace ([`manifest::prepare`]).
+//! - Apply order: Namespaces, CRDs (then a bounded wait until they are `Established`), then
+//!   the rest. Deletion runs the other way. One failing object does not stop the others.
+//! - Pruning and deletion only ever touch objects labelled `brokkr.io/stack=<stack id>` *and*
+//!   `brokkr.io/agent=<agent name>`. They are looked for by label among the kinds applied in
+//!   this process, the kinds of the current deployment object, and a list of well-known kinds
+//!   ([`apply::WELL_KNOWN_KINDS`]), so a restarted agent still finds them. A kind that did not
+//!   resolve this round is not pruned this round.
+//! - A stack that leaves the desired set is deleted without an event (there is no deployment
+//!   object to report on); objects of stacks the hub no longer lists that were left behind
+//!   while the agent was down are swept on the first desired state and on every resync.
+//! - Nothing is ever deleted because the hub cannot be reached or refuses the key: only a
+//!   successful answer from the hub changes the desired state.
+//! - Events are reported when their outcome changes (not on every retry or resync); a stack's
+//!   health is reported when it changes or the deployment object does. A stack with no applied
+//!   objects is `unknown` ([`health`]).
+//! - Drift: a watch on every applied kind, selected by the agent label, re-applies a stack
+//!   whose object was deleted or no longer holds what was applied (debounced), and a re-list
+//!   after a watch gap counts objects it no longer finds as deleted. The periodic resync
+//!   re-applies and prunes everything regardless.
+
+pub mod agent;
+pub mod apply;
+pub mod backoff;
+pub mod config;
+pub mod health;
+pub mod hub;
+pub mod manifest;
+pub mod metrics;
+pub mod reporter;
+
+pub use agent::{AgentError, AgentHandle, run, start};
+pub use config::{AGENT_KEY_ENV, AgentKey, Args, Config, ConfigError};
+
+/// Installs the global `tracing` subscriber: `RUST_LOG` filtering (default `info`), JSON lines
+/// when `json`.
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(err) = result {
+        eprintln!("brokkr-agent: logging was already set up: {err}");
+    }
+}

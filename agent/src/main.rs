@@ -1,1 +1,67 @@
-fn main() {}
+//! The `brokkr-agent` binary: parse the configuration, set up logging, run until SIGTERM or
+//! Ctrl-C.
+
+use std::process::ExitCode;
+
+use brokkr_agent::{AGENT_KEY_ENV, Args, Config};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    brokkr_agent::init_tracing(args.log_json);
+    let config = match Config::from_args(args, std::env::var(AGENT_KEY_ENV).ok()) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!("{}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    match brokkr_agent::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{}", report(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error followed by its sources.
+fn report(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!("failed to listen for Ctrl-C: {err}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!("failed to listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

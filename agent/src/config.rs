@@ -1,0 +1,378 @@
+//! Command line and environment: [`Args`] as clap parses them, resolved and validated into
+//! the [`Config`] the agent runs with.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::backoff::Backoff;
+
+/// The environment variable holding the agent's key (the alternative to `--key-file`).
+pub const AGENT_KEY_ENV: &str = "BROKKR_AGENT_KEY";
+
+/// The spoke-cluster agent of Brokkr: pulls the objects targeted at this cluster from the
+/// hub, applies them with server-side apply, prunes what was dropped, and reports back.
+///
+/// The agent key comes from `BROKKR_AGENT_KEY` or from `--key-file` (exactly one). The
+/// spoke cluster is the one of the in-cluster service account, or of `KUBECONFIG`.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "brokkr-agent", version, about)]
+pub struct Args {
+    /// Base URL of the hub, e.g. `https://brokkr.example.com`.
+    #[arg(long, env = "BROKKR_HUB_URL")]
+    pub hub_url: String,
+
+    /// PEM file of CA certificates to trust for the hub's HTTPS, besides the public roots.
+    #[arg(long, env = "BROKKR_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
+
+    /// File holding the agent key (alternative to the BROKKR_AGENT_KEY variable).
+    #[arg(long, env = "BROKKR_AGENT_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// This agent's name; the value of the `brokkr.io/agent` label on every applied object.
+    #[arg(long, env = "BROKKR_AGENT_NAME")]
+    pub agent_name: String,
+
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
+    #[arg(long, env = "BROKKR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// How often to send a heartbeat to the hub (e.g. `15s`, `1m`).
+    #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How often to re-apply everything and prune, whether or not anything changed.
+    #[arg(long, env = "BROKKR_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// How often to re-evaluate the health of applied objects.
+    #[arg(long, env = "BROKKR_HEALTH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Longest wait of one long-poll for a new desired state (the hub caps it at 60s).
+    #[arg(long, env = "BROKKR_POLL_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub poll_wait: Duration,
+
+    /// How long to wait for an applied CustomResourceDefinition to become Established.
+    #[arg(long, env = "BROKKR_CRD_ESTABLISH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub crd_establish_timeout: Duration,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "BROKKR_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
+    pub log_json: bool,
+}
+
+/// The agent key. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentKey(String);
+
+impl AgentKey {
+    /// Trims surrounding whitespace (a trailing newline in a key file is common); `None` when
+    /// nothing is left.
+    pub fn new(key: &str) -> Option<AgentKey> {
+        let key = key.trim();
+        (!key.is_empty()).then(|| AgentKey(key.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AgentKey(<redacted>)")
+    }
+}
+
+/// Everything the agent runs with. Built from [`Args`] by [`Config::from_args`]; tests build
+/// it with [`Config::new`] and shorten the timings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Hub base URL, without a trailing slash.
+    pub hub_url: String,
+    /// Extra CA certificates (PEM) for the hub's HTTPS.
+    pub hub_ca_pem: Option<Vec<u8>>,
+    pub agent_key: AgentKey,
+    /// Value of the `brokkr.io/agent` label (a valid label value, non-empty).
+    pub agent_name: String,
+    pub metrics_addr: SocketAddr,
+    pub heartbeat_interval: Duration,
+    pub resync_interval: Duration,
+    pub health_interval: Duration,
+    /// `wait` of each long-poll.
+    pub poll_wait: Duration,
+    pub crd_establish_timeout: Duration,
+    /// Quiet time after a watch event before drift is corrected and health re-evaluated.
+    pub drift_debounce: Duration,
+    /// Retries of hub requests (desired state, deployment objects, events).
+    pub hub_backoff: Backoff,
+    /// Retries of a stack whose apply, prune or delete failed.
+    pub retry_backoff: Backoff,
+    pub log_json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid --hub-url {url:?}: it must start with http:// or https://")]
+    HubUrl { url: String },
+    #[error("no agent key: set {AGENT_KEY_ENV} or pass --key-file (BROKKR_AGENT_KEY_FILE)")]
+    NoKey,
+    #[error("both {AGENT_KEY_ENV} and --key-file are set: use exactly one")]
+    TwoKeys,
+    #[error("failed to read the key file {path}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to read the hub CA file {path}")]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the key in {where_} is empty")]
+    EmptyKey { where_: String },
+    #[error("invalid --agent-name {name:?}: {reason}")]
+    AgentName { name: String, reason: &'static str },
+}
+
+impl Config {
+    /// A config with the documented defaults.
+    pub fn new(
+        hub_url: &str,
+        agent_key: AgentKey,
+        agent_name: &str,
+    ) -> Result<Config, ConfigError> {
+        Ok(Config {
+            hub_url: validate_hub_url(hub_url)?,
+            hub_ca_pem: None,
+            agent_key,
+            agent_name: validate_agent_name(agent_name)?,
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            heartbeat_interval: Duration::from_secs(15),
+            resync_interval: Duration::from_secs(300),
+            health_interval: Duration::from_secs(10),
+            poll_wait: Duration::from_secs(brokkr_crds::wire::MAX_WAIT_SECONDS),
+            crd_establish_timeout: Duration::from_secs(30),
+            drift_debounce: Duration::from_secs(1),
+            hub_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            retry_backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
+            log_json: false,
+        })
+    }
+
+    /// Resolves the parsed arguments; `env_key` is the value of [`AGENT_KEY_ENV`], if set.
+    pub fn from_args(args: Args, env_key: Option<String>) -> Result<Config, ConfigError> {
+        let key = match (env_key, &args.key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoKeys),
+            (None, None) => return Err(ConfigError::NoKey),
+            (Some(key), None) => AgentKey::new(&key).ok_or_else(|| ConfigError::EmptyKey {
+                where_: AGENT_KEY_ENV.to_owned(),
+            })?,
+            (None, Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                AgentKey::new(&text).ok_or_else(|| ConfigError::EmptyKey {
+                    where_: path.display().to_string(),
+                })?
+            }
+        };
+        let mut config = Config::new(&args.hub_url, key, &args.agent_name)?;
+        if let Some(path) = &args.hub_ca_file {
+            let pem = std::fs::read(path).map_err(|source| ConfigError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            config.hub_ca_pem = Some(pem);
+        }
+        config.metrics_addr = args.metrics_addr;
+        config.heartbeat_interval = args.heartbeat_interval;
+        config.resync_interval = args.resync_interval;
+        config.health_interval = args.health_interval;
+        config.poll_wait = args.poll_wait;
+        config.crd_establish_timeout = args.crd_establish_timeout;
+        config.log_json = args.log_json;
+        Ok(config)
+    }
+}
+
+fn validate_hub_url(url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let parsed = reqwest::Url::parse(trimmed).map_err(|_| ConfigError::HubUrl {
+        url: url.to_owned(),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(ConfigError::HubUrl {
+            url: url.to_owned(),
+        });
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// A Kubernetes label value: at most 63 characters, alphanumerics with `-`, `_` and `.`
+/// inside. Empty is a valid label value but not a usable agent name.
+pub fn validate_agent_name(name: &str) -> Result<String, ConfigError> {
+    let fail = |reason| {
+        Err(ConfigError::AgentName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return fail("it is empty");
+    }
+    if name.len() > 63 {
+        return fail("a label value has at most 63 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return fail("a label value holds only letters, digits, '-', '_' and '.'");
+    }
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !edge_ok(name.chars().next()) || !edge_ok(name.chars().last()) {
+        return fail("a label value starts and ends with a letter or digit");
+    }
+    Ok(name.to_owned())
+}
+
+/// `500ms`, `15s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 15s, 5m or 1h"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "" | "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err(format!("{text:?} is zero; a positive duration is needed"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "brokkr-agent",
+            "--hub-url",
+            "https://hub.example.com/",
+            "--agent-name",
+            "edge-1",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::from_args(args(&[]), Some("brokkr_abc_secret".into())).unwrap();
+        assert_eq!(config.hub_url, "https://hub.example.com");
+        assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(config.resync_interval, Duration::from_secs(300));
+        assert_eq!(config.agent_key.expose(), "brokkr_abc_secret");
+    }
+
+    #[test]
+    fn json_logs_are_off_unless_asked_for() {
+        assert!(!args(&[]).log_json);
+        assert!(args(&["--log-json"]).log_json);
+    }
+
+    #[test]
+    fn exactly_one_key_source_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "brokkr_p_s\n").unwrap();
+        let with_file = args(&["--key-file", path.to_str().unwrap()]);
+
+        let config = Config::from_args(with_file.clone(), None).unwrap();
+        assert_eq!(config.agent_key.expose(), "brokkr_p_s");
+        assert!(matches!(
+            Config::from_args(with_file, Some("k".into())),
+            Err(ConfigError::TwoKeys)
+        ));
+        assert!(matches!(
+            Config::from_args(args(&[]), None),
+            Err(ConfigError::NoKey)
+        ));
+        assert!(matches!(
+            Config::from_args(args(&[]), Some("  \n".into())),
+            Err(ConfigError::EmptyKey { .. })
+        ));
+        let missing = args(&["--key-file", "/nonexistent/brokkr-key"]);
+        let err = Config::from_args(missing, None).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/brokkr-key"), "{err}");
+        let no_ca = args(&["--hub-ca-file", "/nonexistent/ca.pem"]);
+        let err = Config::from_args(no_ca, Some("k".into())).unwrap_err();
+        assert!(matches!(err, ConfigError::CaFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let config = Config::from_args(args(&[]), Some("brokkr_abc_topsecret".into())).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn agent_names_must_be_label_values() {
+        for good in ["a", "edge-1", "Edge_1.eu", &"x".repeat(63)] {
+            assert!(validate_agent_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-edge", "edge-", "edge/1", "edge 1", &"x".repeat(64)] {
+            assert!(validate_agent_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hub_urls_must_be_http() {
+        assert!(validate_hub_url("http://hub:8080").is_ok());
+        assert!(validate_hub_url("ftp://hub").is_err());
+        assert!(validate_hub_url("hub.example.com").is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("42").unwrap(), Duration::from_secs(42));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

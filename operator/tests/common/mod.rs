@@ -1,0 +1,212 @@
+//! Shared by the controller and end-to-end tests: a hub (controllers, optionally the
+//! agent API) against an API server and a fresh database.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use brokkr_crds::{Agent, AgentSpec, Generator, GeneratorSpec, Stack, StackSpec};
+use brokkr_operator::controllers::{self, ControllerConfig};
+use brokkr_operator::entity::{deployment_objects, stacks};
+use brokkr_operator::metrics::Metrics;
+use brokkr_operator::store::Store;
+use brokkr_testdb::TestDb;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use kubesim::testing::{TestCluster, eventually};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use tokio::sync::oneshot;
+
+pub struct Hub {
+    pub cluster: TestCluster,
+    pub db: TestDb,
+    pub store: Store,
+    pub agent_label: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Hub {
+    pub async fn start() -> Hub {
+        Hub::start_with(Duration::from_secs(60), Duration::from_millis(500)).await
+    }
+
+    pub async fn start_with(deletion_timeout: Duration, status_refresh: Duration) -> Hub {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let cluster = TestCluster::new().await;
+        brokkr_operator::run::install_crds(&cluster.client)
+            .await
+            .expect("install CRDs");
+        let db = TestDb::new().await;
+        let store = Store::new(db.conn().clone());
+        // On a shared real cluster, this test's controllers see only this test's objects.
+        let agent_label = cluster.namespace.clone();
+        let config = ControllerConfig {
+            namespace: cluster.namespace.clone(),
+            deletion_timeout,
+            status_refresh,
+            watch_namespace: Some(cluster.namespace.clone()),
+            agent_selector: Some(format!("brokkr.io/test={agent_label}")),
+            heartbeat_interval: Duration::from_secs(1),
+            database_url: Some(db.url().to_owned()),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controllers::run(
+            cluster.client.clone(),
+            store.clone(),
+            config,
+            Metrics::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Hub {
+            cluster,
+            db,
+            store,
+            agent_label,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        // Agents are cluster-scoped: remove this test's before the namespace goes.
+        let agents: Api<Agent> = Api::all(self.cluster.client.clone());
+        let selector = format!("brokkr.io/test={}", self.agent_label);
+        if let Ok(list) = agents.list(&ListParams::default().labels(&selector)).await {
+            for agent in list {
+                let _ = agents
+                    .patch(
+                        &agent.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+                let _ = agents
+                    .delete(&agent.name_any(), &DeleteParams::default())
+                    .await;
+            }
+        }
+        self.cluster.cleanup().await;
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        self.cluster.api()
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.cluster.namespace
+    }
+
+    pub async fn create_generator(&self, name: &str) -> Generator {
+        self.api::<Generator>()
+            .create(
+                &PostParams::default(),
+                &Generator::new(name, GeneratorSpec::default()),
+            )
+            .await
+            .expect("create Generator")
+    }
+
+    pub async fn create_stack(&self, name: &str, generator: &str, manifests: &str) -> Stack {
+        let spec = StackSpec {
+            generator_ref: brokkr_crds::GeneratorRef {
+                name: generator.into(),
+            },
+            manifests: Some(manifests.into()),
+            ..Default::default()
+        };
+        self.api::<Stack>()
+            .create(&PostParams::default(), &Stack::new(name, spec))
+            .await
+            .expect("create Stack")
+    }
+
+    /// An Agent (cluster-scoped) whose name is unique to this test.
+    pub async fn create_agent(&self, short: &str, labels: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::new(
+            &format!("{}-{short}", self.namespace()),
+            AgentSpec {
+                cluster_name: format!("cluster-{short}"),
+                ..Default::default()
+            },
+        );
+        let mut all: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.insert("brokkr.io/test".into(), self.agent_label.clone());
+        agent.metadata.labels = Some(all);
+        Api::<Agent>::all(self.cluster.client.clone())
+            .create(&PostParams::default(), &agent)
+            .await
+            .expect("create Agent")
+    }
+
+    pub async fn stack_when(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&Stack) -> bool,
+    ) -> Stack {
+        let api = self.api::<Stack>();
+        eventually(what, || {
+            let api = api.clone();
+            let check = &check;
+            async move { api.get_opt(name).await.ok().flatten().filter(|s| check(s)) }
+        })
+        .await
+    }
+
+    pub async fn live_stack_row(&self, name: &str) -> Option<stacks::Model> {
+        stacks::Entity::find()
+            .filter(stacks::Column::Name.eq(format!("{}/{name}", self.namespace())))
+            .filter(stacks::Column::DeletedAt.is_null())
+            .one(self.db.conn())
+            .await
+            .expect("query stacks")
+    }
+
+    pub async fn objects_of(&self, stack_id: uuid::Uuid) -> Vec<deployment_objects::Model> {
+        deployment_objects::Entity::find()
+            .filter(deployment_objects::Column::StackId.eq(stack_id))
+            .order_by_asc(deployment_objects::Column::SequenceId)
+            .all(self.db.conn())
+            .await
+            .expect("query deployment objects")
+    }
+
+    pub async fn warning_events_for(&self, name: &str) -> Vec<Event> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .map(|list| {
+                list.items
+                    .into_iter()
+                    .filter(|e| {
+                        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                            && e.type_.as_deref() == Some("Warning")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
