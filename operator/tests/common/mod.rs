@@ -77,6 +77,27 @@ impl Hub {
         }
     }
 
+    /// Serves the agent API for this hub's database on 127.0.0.1; returns its URL.
+    pub async fn serve_api(&self) -> String {
+        use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
+        let changes = ChangeFeed::default();
+        tokio::spawn(changes.clone().listen(self.db.url().to_owned()));
+        let app = api::app(ApiState::new(
+            self.store.clone(),
+            changes,
+            ApiConfig {
+                heartbeat_interval: Duration::from_secs(1),
+                ..ApiConfig::default()
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the agent API");
+        let addr = listener.local_addr().expect("API address");
+        tokio::spawn(axum::serve(listener, app).into_future());
+        format!("http://{addr}")
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
