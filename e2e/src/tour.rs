@@ -1,0 +1,285 @@
+//! The tour of Brokkr that the demo narrates and the scenario test checks: the
+//! examples applied to a hub, delivered by two agents to two spokes, updated while the
+//! operator is down, broken, deleted, and an agent going Offline.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use brokkr_crds::{Agent, AgentPhase, Stack};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+use crate::bench::BenchError;
+use crate::fleet::{Fleet, FleetResult, apply_yaml, roll_out_client, wait_for};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const DEMO_NAMESPACE: &str = "brokkr-demo";
+
+/// Prints what happens when `narrate`; quiet otherwise.
+pub struct Narrator {
+    pub narrate: bool,
+}
+
+impl Narrator {
+    fn say(&self, text: &str) {
+        if self.narrate {
+            println!("\n==> {text}");
+        }
+    }
+
+    fn show(&self, text: &str) {
+        if self.narrate {
+            println!("{}", text.trim_end());
+        }
+    }
+}
+
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn example(name: &str) -> FleetResult<String> {
+    let path = examples_dir().join(name);
+    std::fs::read_to_string(&path).map_err(|source| BenchError::Io {
+        what: format!("read {}", path.display()),
+        source,
+    })
+}
+
+async fn apply_example(fleet: &Fleet, name: &str, n: &Narrator) -> FleetResult<()> {
+    let applied = apply_yaml(&fleet.hub.client, &example(name)?, DEMO_NAMESPACE).await?;
+    n.show(&format!(
+        "$ kubectl apply --server-side -f examples/{name}\n{}",
+        applied
+            .iter()
+            .map(|o| format!("{o} serverside-applied"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    Ok(())
+}
+
+async fn stack(fleet: &Fleet, name: &str) -> Option<Stack> {
+    let stacks: Api<Stack> = Api::namespaced(fleet.hub.client.clone(), DEMO_NAMESPACE);
+    stacks.get_opt(name).await.ok().flatten()
+}
+
+fn ready(stack: &Stack) -> Option<&str> {
+    stack.status.as_ref().and_then(|s| s.ready.as_deref())
+}
+
+fn sequence(stack: &Stack) -> i64 {
+    stack
+        .status
+        .as_ref()
+        .and_then(|s| s.deployment_object.as_ref())
+        .map_or(0, |d| d.sequence)
+}
+
+/// Runs the whole tour; an unmet expectation is an error naming it.
+pub async fn run(fleet: &mut Fleet, n: &Narrator) -> FleetResult<()> {
+    n.say(
+        "Starting brokkr-operator against the hub (it installs its CRDs and migrates PostgreSQL)",
+    );
+    fleet.start_operator().await?;
+
+    n.say("Applying the examples to the hub: a namespace, a Generator and two Agents");
+    for name in ["namespace.yaml", "generator.yaml", "agents.yaml"] {
+        apply_example(fleet, name, n).await?;
+    }
+    n.say("The hub issued each Agent a key; starting brokkr-agent in each spoke with it");
+    fleet.start_agent("prod-eu", 0).await?;
+    fleet.start_agent("prod-us", 1).await?;
+
+    // kubesim runs no Deployment controller: play its part in the simulated spokes.
+    let spokes: Vec<kube::Client> = fleet.spokes.iter().map(|s| s.client.clone()).collect();
+    let simulated: Vec<bool> = fleet.spokes.iter().map(|s| !s.is_real()).collect();
+    let rollout = tokio::spawn(async move {
+        loop {
+            for (client, simulated) in spokes.iter().zip(&simulated) {
+                if *simulated {
+                    roll_out_client(client).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let outcome = deliver_update_break_delete(fleet, n).await;
+    rollout.abort();
+    outcome
+}
+
+async fn deliver_update_break_delete(fleet: &mut Fleet, n: &Narrator) -> FleetResult<()> {
+    n.say("Applying the Stack `shop` (Namespace, ConfigMap, Deployment, Service) and an AgentTarget selecting env=prod");
+    apply_example(fleet, "stack.yaml", n).await?;
+    apply_example(fleet, "agent-target.yaml", n).await?;
+    let delivered = wait_for(PATIENCE, "Stack shop READY 2/2", || async {
+        stack(fleet, "shop")
+            .await
+            .filter(|s| ready(s) == Some("2/2"))
+    })
+    .await?;
+    n.say("Both agents applied it and report it healthy:");
+    n.show(&format!(
+        "$ kubectl get stacks -A\n{}",
+        fleet.stacks_table().await
+    ));
+    for (i, spoke) in fleet.spokes.iter().enumerate() {
+        let maps: Api<ConfigMap> = Api::namespaced(spoke.client.clone(), "shop");
+        let content = maps
+            .get_opt("shop-content")
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| BenchError::Setup(format!("spoke {i} has no shop/shop-content")))?;
+        let labelled = content.labels().contains_key(brokkr_crds::STACK_LABEL);
+        if !labelled {
+            return Err(BenchError::Setup(format!(
+                "spoke {i}: shop-content lacks the brokkr.io/stack label"
+            )));
+        }
+    }
+    n.show("spoke 1 and spoke 2: namespace shop holds ConfigMap shop-content, Deployment shop, Service shop (labelled brokkr.io/stack)");
+
+    n.say("Killing the operator (SIGKILL), changing the Stack meanwhile, then starting it again");
+    fleet.kill_operator().await;
+    let stacks: Api<Stack> = Api::namespaced(fleet.hub.client.clone(), DEMO_NAMESPACE);
+    let manifests = delivered.spec.manifests.clone().unwrap_or_default();
+    let updated = manifests.replace("Delivered by Brokkr", "Delivered by Brokkr, version 2");
+    stacks
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"manifests": updated}})),
+        )
+        .await
+        .map_err(|err| BenchError::Setup(format!("update the Stack: {err}")))?;
+    fleet.start_operator().await?;
+    let first = sequence(&delivered);
+    wait_for(PATIENCE, "the new version READY 2/2", || async {
+        stack(fleet, "shop")
+            .await
+            .filter(|s| sequence(s) > first && ready(s) == Some("2/2"))
+            .filter(|s| {
+                s.status.as_ref().is_some_and(|st| {
+                    st.agents
+                        .iter()
+                        .all(|a| a.state == brokkr_crds::AgentDeployState::Applied)
+                })
+            })
+    })
+    .await?;
+    for spoke in &fleet.spokes {
+        let maps: Api<ConfigMap> = Api::namespaced(spoke.client.clone(), "shop");
+        wait_for(PATIENCE, "version 2 in every spoke", || async {
+            let content = maps.get_opt("shop-content").await.ok().flatten()?;
+            content
+                .data?
+                .get("index.html")?
+                .contains("version 2")
+                .then_some(())
+        })
+        .await?;
+    }
+    let versions = live_versions(fleet, "brokkr-demo/shop").await?;
+    if versions != 2 {
+        return Err(BenchError::Setup(format!(
+            "expected exactly 2 deployment objects for brokkr-demo/shop after the restart, found {versions}"
+        )));
+    }
+    n.show(&format!(
+        "$ kubectl get stacks -A\n{}\nPostgreSQL holds exactly {versions} versions of the stack: no duplicate after the restart",
+        fleet.stacks_table().await
+    ));
+
+    n.say("Applying a Stack with a broken manifest");
+    apply_example(fleet, "broken-stack.yaml", n).await?;
+    let broken = wait_for(PATIENCE, "Stack broken Accepted=False", || async {
+        let s = stack(fleet, "broken").await?;
+        let accepted = s
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Accepted")?
+            .clone();
+        (accepted.status == "False").then_some(accepted)
+    })
+    .await?;
+    if broken.reason != "InvalidManifest" {
+        return Err(BenchError::Setup(format!(
+            "broken Stack: reason {} instead of InvalidManifest",
+            broken.reason
+        )));
+    }
+    n.show(&format!(
+        "$ kubectl describe stack broken -n {DEMO_NAMESPACE}   (condition Accepted)\n  Status: {}  Reason: {}\n  Message: {}",
+        broken.status, broken.reason, broken.message
+    ));
+
+    n.say(
+        "Deleting the Stack `shop`: the agents remove what they applied, then the hub lets it go",
+    );
+    stacks
+        .delete("shop", &DeleteParams::default())
+        .await
+        .map_err(|err| BenchError::Setup(format!("delete the Stack: {err}")))?;
+    wait_for(PATIENCE, "Stack shop gone", || async {
+        stack(fleet, "shop").await.is_none().then_some(())
+    })
+    .await?;
+    for spoke in &fleet.spokes {
+        let maps: Api<ConfigMap> = Api::namespaced(spoke.client.clone(), "shop");
+        wait_for(PATIENCE, "the spokes cleaned", || async {
+            maps.get_opt("shop-content")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await?;
+    }
+    n.show(&format!(
+        "$ kubectl get stacks -A\n{}spokes: namespace shop and its objects are gone",
+        fleet.stacks_table().await
+    ));
+
+    n.say("Stopping the agent prod-us: after three missed heartbeats the hub marks it Offline");
+    fleet.stop_agent("prod-us").await;
+    let agents: Api<Agent> = Api::all(fleet.hub.client.clone());
+    wait_for(PATIENCE, "Agent prod-us Offline", || async {
+        let agent = agents.get_opt("prod-us").await.ok().flatten()?;
+        (agent.status?.phase? == AgentPhase::Offline).then_some(())
+    })
+    .await?;
+    n.show(&format!(
+        "$ kubectl get agents\n{}",
+        fleet.agents_table().await
+    ));
+    Ok(())
+}
+
+/// Deployment objects of a stack that are content (not deletion markers), deleted or not.
+async fn live_versions(fleet: &Fleet, stack_name: &str) -> FleetResult<i64> {
+    let row = fleet
+        .db
+        .conn()
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM deployment_objects d JOIN stacks s ON s.id = d.stack_id \
+             WHERE s.name = $1 AND NOT d.is_deletion_marker",
+            [stack_name.into()],
+        ))
+        .await
+        .map_err(|source| BenchError::Database {
+            what: "count deployment objects".into(),
+            source,
+        })?
+        .ok_or_else(|| BenchError::Setup("no count".into()))?;
+    row.try_get("", "n").map_err(|source| BenchError::Database {
+        what: "read the count".into(),
+        source,
+    })
+}
