@@ -64,6 +64,12 @@ sql_migration!(
     "009_notifications"
 );
 
+sql_migration!(
+    AgentKeyIndex,
+    "m20261122_000010_agent_key_index",
+    "010_agent_key_index"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -80,6 +86,7 @@ impl MigratorTrait for Migrator {
             Box::new(AgentTargets),
             Box::new(LabelsAnnotations),
             Box::new(Notifications),
+            Box::new(AgentKeyIndex),
         ]
     }
 }

@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS agents_pak_prefix_created_idx;
