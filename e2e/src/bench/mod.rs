@@ -400,6 +400,7 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
             Seed::fleet(&store, agents, bench.plan.stacks, bench.plan.object_bytes).await?;
         if bench.wants(Measurement::P1) {
             rows.extend(delivery::run(&bench, &db, &store, &mut seed).await);
+            bench.checkpoint(&rows);
         }
         let (p2, p6) = (bench.wants(Measurement::P2), bench.wants(Measurement::P6));
         if p2 || p6 {
@@ -412,6 +413,7 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
                     }
                 }
             }
+            bench.checkpoint(&rows);
         }
         if bench.wants(Measurement::P5) {
             if agents <= bench.options.history_max_agents {
@@ -419,6 +421,7 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
                     Ok(measured) => rows.extend(measured),
                     Err(err) => rows.push(Row::failed("P5", "desired call", agents, &err)),
                 }
+                bench.checkpoint(&rows);
             } else {
                 rows.push(Row::not_measured(
                     "P5",
@@ -432,13 +435,13 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
                 ));
             }
         }
-        print_so_far(&rows);
     }
     if bench.wants(Measurement::P3) {
         match ingest::run(&bench).await {
             Ok(measured) => rows.extend(measured),
             Err(err) => rows.push(Row::failed("P3", "ingest", 0, &err)),
         }
+        bench.checkpoint(&rows);
     }
     if bench.wants(Measurement::P4) {
         match agent_idle::run(&bench).await {
@@ -469,8 +472,18 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn print_so_far(rows: &[Row]) {
-    eprintln!("{}", report::markdown(rows));
+impl Bench {
+    /// Prints the rows so far and writes them to the CSV, so that an interrupted run
+    /// keeps what it measured.
+    fn checkpoint(&self, rows: &[Row]) {
+        eprintln!("{}", report::markdown(rows));
+        if let Err(err) = std::fs::write(&self.options.csv, report::csv(rows)) {
+            eprintln!(
+                "bench: failed to write {}: {err}",
+                self.options.csv.display()
+            );
+        }
+    }
 }
 
 /// Each simulated agent holds a socket in this process (plus the heartbeats in
