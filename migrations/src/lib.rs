@@ -70,6 +70,12 @@ sql_migration!(
     "010_agent_key_index"
 );
 
+sql_migration!(
+    AgentAccessNotifications,
+    "m20261122_000011_agent_access_notifications",
+    "011_agent_access_notifications"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -87,6 +93,7 @@ impl MigratorTrait for Migrator {
             Box::new(LabelsAnnotations),
             Box::new(Notifications),
             Box::new(AgentKeyIndex),
+            Box::new(AgentAccessNotifications),
         ]
     }
 }

@@ -98,7 +98,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let store = Store::new(db);
     let changes = ChangeFeed::default();
-    tokio::spawn(changes.clone().listen(database_url.clone()));
+    tokio::spawn(changes.clone().listen(database_url.clone(), store.clone()));
     let api = api::app(ApiState::new(
         store.clone(),
         changes,

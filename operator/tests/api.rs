@@ -64,7 +64,7 @@ impl Fixture {
         let db = TestDb::new().await;
         let store = Store::new(db.conn().clone());
         let changes = ChangeFeed::default();
-        tokio::spawn(changes.clone().listen(db.url().to_owned()));
+        tokio::spawn(changes.clone().listen(db.url().to_owned(), store.clone()));
         let generator = store
             .upsert_generator(&GeneratorSync {
                 resource_uid: Uuid::new_v4(),
@@ -135,9 +135,15 @@ impl Fixture {
     }
 
     async fn desired(&self, query: &str) -> DesiredState {
-        let (status, body) = self
-            .call(self.get(&format!("/api/v1/agent/desired{query}")))
-            .await;
+        self.desired_as(&self.key, query).await
+    }
+
+    async fn desired_as(&self, key: &str, query: impl std::fmt::Display) -> DesiredState {
+        let request = Request::get(format!("/api/v1/agent/desired{query}"))
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = self.call(request).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         serde_json::from_value(body).unwrap()
     }
@@ -241,6 +247,172 @@ async fn suspended_and_deleted_agents_are_refused_with_a_reason() {
     let (status, body) = f.call(request(&key)).await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     assert!(body["message"].as_str().unwrap().contains("deleted"));
+}
+
+#[tokio::test]
+async fn an_agent_suspended_or_rekeyed_after_its_key_was_cached_is_refused_at_once() {
+    let f = Fixture::new().await;
+    f.desired("").await;
+    let agent = f.store.find_agent(f.agent).await.unwrap().unwrap();
+    let no_annotations = BTreeMap::new();
+    let suspend = |is_suspended| AgentSync {
+        resource_uid: agent.resource_uid.unwrap(),
+        name: "edge-1",
+        cluster_name: "edge",
+        is_suspended,
+        labels: &[],
+        annotations: &no_annotations,
+    };
+    f.store.sync_agent(&suspend(true)).await.unwrap();
+    let refused = eventually_status(&f, &f.key, StatusCode::FORBIDDEN).await;
+    assert!(refused["message"].as_str().unwrap().contains("suspended"));
+    f.store.sync_agent(&suspend(false)).await.unwrap();
+    eventually_status(&f, &f.key, StatusCode::OK).await;
+
+    let issued = issue_key();
+    f.store
+        .set_agent_key(
+            f.agent,
+            &AgentKey {
+                prefix: issued.prefix.clone(),
+                hash: issued.hash.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    eventually_status(&f, &f.key, StatusCode::UNAUTHORIZED).await;
+    eventually_status(&f, &issued.key, StatusCode::OK).await;
+}
+
+/// Polls `desired` with `key` until it answers `expected` (the change feed applies
+/// notifications asynchronously); fails after 5 s.
+async fn eventually_status(f: &Fixture, key: &str, expected: StatusCode) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = f
+            .call(
+                Request::get("/api/v1/agent/desired")
+                    .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        if status == expected {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status} instead of {expected}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stack_targeted_before_it_had_content_wakes_the_long_poll_with_its_first_version() {
+    let f = Fixture::new().await;
+    let empty = f
+        .store
+        .sync_stack(&StackSync {
+            resource_uid: Uuid::new_v4(),
+            name: "ns/later",
+            description: None,
+            generator_id: f.generator,
+            labels: None,
+            annotations: None,
+            content: None,
+        })
+        .await
+        .unwrap();
+    assert!(empty.deployment_object.is_none());
+    f.store
+        .replace_stack_targets(empty.stack.id, &BTreeSet::from([f.agent]))
+        .await
+        .unwrap();
+    let before = f.desired("").await;
+    assert_eq!(
+        before.stacks.len(),
+        1,
+        "a stack without content is not listed"
+    );
+
+    let query = format!("?since={}&wait=20", before.cursor);
+    let poll = f.desired(&query);
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (yaml, checksum) = content("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: l\n");
+        f.store
+            .record_deployment_object(
+                empty.stack.id,
+                StackContent {
+                    yaml: &yaml,
+                    checksum: &checksum,
+                },
+            )
+            .await
+            .unwrap()
+            .0
+    };
+    let started = Instant::now();
+    let (desired, first) = tokio::join!(poll, write);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken, not timed out"
+    );
+    let later = desired
+        .stacks
+        .iter()
+        .find(|s| s.stack_id == empty.stack.id)
+        .expect("the stack's first version is delivered");
+    assert_eq!(later.deployment_object_id, first.id);
+}
+
+#[tokio::test]
+async fn every_parked_agent_gets_a_push_and_its_object() {
+    let f = Fixture::new().await;
+    let mut keys = vec![f.key.clone()];
+    let mut agents = BTreeSet::from([f.agent]);
+    for n in 2..=20 {
+        let (agent, key) = agent_with_key(&f.store, &format!("edge-{n}")).await;
+        agents.insert(agent);
+        keys.push(key);
+    }
+    f.store
+        .replace_stack_targets(f.stack, &agents)
+        .await
+        .unwrap();
+    let cursors = futures::future::join_all(keys.iter().map(|key| f.desired_as(key, ""))).await;
+    let polls = futures::future::join_all(
+        keys.iter()
+            .zip(&cursors)
+            .map(|(key, desired)| f.desired_as(key, format!("?since={}&wait=20", desired.cursor))),
+    );
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: herd\n")
+            .await
+    };
+    let (answers, pushed) = tokio::join!(polls, write);
+    for (key, answer) in keys.iter().zip(&answers) {
+        assert_eq!(answer.stacks[0].deployment_object_id, pushed);
+        let (status, body) = f
+            .call(
+                Request::get(format!("/api/v1/agent/deployment-objects/{pushed}"))
+                    .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["yaml"].as_str().unwrap().contains("name: herd"));
+    }
+    // Re-parking with the new cursor waits: the pushed set is the current one.
+    let started = Instant::now();
+    let again = f
+        .desired_as(&keys[0], format!("?since={}&wait=1", answers[0].cursor))
+        .await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(again.cursor, answers[0].cursor);
 }
 
 #[tokio::test]

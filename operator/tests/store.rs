@@ -1,7 +1,7 @@
 //! The store and the schema's triggers against a real PostgreSQL: every behaviour of
 //! the seed design's table descriptions and sequence diagrams.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use brokkr_operator::entity::{agent_events, agent_targets, deployment_objects, stacks};
 use brokkr_operator::store::{
@@ -942,26 +942,87 @@ async fn desired_state_carries_deletion_markers_newer_than_the_cursor() {
 }
 
 #[tokio::test]
-async fn deployment_objects_are_visible_only_to_targeted_agents() {
+async fn targeting_is_checked_per_agent_and_stack() {
     let f = Fixture::new().await;
     let generator = f.generator("gen").await;
     let (stack, object) = f.stack(generator, "ns/app", "a: 1").await;
     let targeted = f.agent("edge-1", "edge").await;
     let stranger = f.agent("edge-2", "edge").await;
     f.target(stack, &[targeted]).await;
-    let found = f
-        .store
-        .deployment_object_for_agent(targeted, object)
-        .await
-        .unwrap();
-    assert_eq!(found.unwrap().yaml_content, "a: 1");
+    assert!(f.store.is_targeted(targeted, stack).await.unwrap());
+    assert!(!f.store.is_targeted(stranger, stack).await.unwrap());
+    let found = f.store.deployment_object(object).await.unwrap().unwrap();
+    assert_eq!(
+        (found.stack_id, found.yaml_content.as_str()),
+        (stack, "a: 1")
+    );
     assert!(
         f.store
-            .deployment_object_for_agent(stranger, object)
+            .deployment_object(Uuid::now_v7())
             .await
             .unwrap()
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn stack_heads_agree_with_every_agents_desired_state() {
+    let f = Fixture::new().await;
+    let generator = f.generator("gen").await;
+    let (web, _) = f.stack(generator, "ns/web", "web: 1").await;
+    let web_v2 = f.new_version(web, "web: 2").await;
+    let (db, _) = f.stack(generator, "ns/db", "db: 1").await;
+    let (edge1, edge2) = (
+        f.agent("edge-1", "edge").await,
+        f.agent("edge-2", "edge").await,
+    );
+    f.target(web, &[edge1, edge2]).await;
+    f.target(db, &[edge1]).await;
+    let marker = f.store.soft_delete_stack(db).await.unwrap().unwrap();
+    let vanished = Uuid::now_v7();
+
+    let heads = f.store.stack_heads(&[web, db, vanished]).await.unwrap();
+
+    assert_eq!(
+        heads.iter().map(|h| h.stack_id).collect::<Vec<_>>(),
+        [web, db, vanished],
+        "one head per asked stack, in order"
+    );
+    let web_head = heads[0].head.as_ref().unwrap();
+    assert_eq!(web_head.deployment_object_id, web_v2.id);
+    assert_eq!(heads[0].agents, HashSet::from([edge1, edge2]));
+    assert!(!heads[0].stack_deleted);
+    let db_head = heads[1].head.as_ref().unwrap();
+    assert!(heads[1].stack_deleted && db_head.is_deletion_marker);
+    assert_eq!(db_head.deployment_object_id, marker.id);
+    assert_eq!(heads[1].agents, HashSet::from([edge1]));
+    assert!(heads[2].head.is_none() && heads[2].agents.is_empty());
+
+    // What the heads say edge-1 should hold is what its own query says.
+    let desired = f.store.desired_for_agent(edge1, 0).await.unwrap();
+    for entry in &desired.entries {
+        let head = heads.iter().find(|h| h.stack_id == entry.stack_id).unwrap();
+        let object = head.head.as_ref().unwrap();
+        assert_eq!(
+            (
+                object.deployment_object_id,
+                object.sequence_id,
+                &object.yaml_checksum,
+                object.is_deletion_marker,
+                head.stack_deleted,
+                &head.stack_name,
+            ),
+            (
+                entry.deployment_object_id,
+                entry.sequence_id,
+                &entry.yaml_checksum,
+                entry.is_deletion_marker,
+                entry.stack_deleted,
+                &entry.stack_name,
+            )
+        );
+    }
+    assert_eq!(desired.entries.len(), 2);
 }
 
 #[tokio::test]

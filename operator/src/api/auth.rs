@@ -1,9 +1,11 @@
 //! Agents authenticate with their key: `Authorization: Bearer brokkr_<prefix>_<secret>`.
 //! The row is found by the public prefix, the hash compared in constant time; results
-//! are cached briefly so a fleet of long-polls does not turn into a query each.
+//! are cached so a fleet of long-polls and heartbeats does not turn into a query each.
+//! The change feed drops an agent's entry when its key, suspension or deletion changes
+//! (on any replica), so the TTL only bounds how long a missed notification can matter.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
@@ -34,7 +36,14 @@ struct CachedAgent {
 /// Recently looked-up agents by key prefix.
 pub struct AuthCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, CachedAgent>>,
+    inner: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    /// Counts invalidations: a row read before one is not cached.
+    generation: u64,
+    by_prefix: HashMap<String, CachedAgent>,
 }
 
 /// Beyond this many cached prefixes the cache starts over, bounding its memory.
@@ -44,24 +53,49 @@ impl AuthCache {
     pub fn new(ttl: Duration) -> AuthCache {
         AuthCache {
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Entries::default()),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn get(&self, prefix: &str) -> Option<CachedAgent> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
+        self.lock()
+            .by_prefix
             .get(prefix)
             .filter(|cached| cached.fetched.elapsed() < self.ttl)
             .cloned()
     }
 
-    fn put(&self, prefix: &str, agent: CachedAgent) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= MAX_CACHED {
-            entries.clear();
+    /// Stamp to pass to `put`; take it before reading the row.
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn put(&self, prefix: &str, agent: CachedAgent, read_at_generation: u64) {
+        let mut entries = self.lock();
+        if entries.generation != read_at_generation {
+            return;
         }
-        entries.insert(prefix.to_owned(), agent);
+        if entries.by_prefix.len() >= MAX_CACHED {
+            entries.by_prefix.clear();
+        }
+        entries.by_prefix.insert(prefix.to_owned(), agent);
+    }
+
+    /// Drops whatever is cached for `agent_id`, under any prefix.
+    pub fn forget_agent(&self, agent_id: Uuid) {
+        let mut entries = self.lock();
+        entries.generation += 1;
+        entries.by_prefix.retain(|_, cached| cached.id != agent_id);
+    }
+
+    pub fn forget_all(&self) {
+        let mut entries = self.lock();
+        entries.generation += 1;
+        entries.by_prefix.clear();
     }
 }
 
@@ -83,9 +117,11 @@ impl FromRequestParts<ApiState> for AuthenticatedAgent {
         let prefix =
             key_prefix(key).ok_or_else(|| ApiError::Unauthorized("malformed agent key".into()))?;
 
-        let agent = match state.auth.get(prefix) {
+        let auth = state.changes.auth();
+        let agent = match auth.get(prefix) {
             Some(agent) => agent,
             None => {
+                let generation = auth.generation();
                 let row = state
                     .store
                     .find_agent_for_key(prefix)
@@ -99,7 +135,7 @@ impl FromRequestParts<ApiState> for AuthenticatedAgent {
                     deleted: row.deleted_at.is_some(),
                     fetched: Instant::now(),
                 };
-                state.auth.put(prefix, agent.clone());
+                auth.put(prefix, agent.clone(), generation);
                 agent
             }
         };

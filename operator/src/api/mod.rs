@@ -5,13 +5,15 @@
 mod auth;
 pub mod changes;
 mod error;
+mod objects;
 mod openapi;
+mod views;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,17 +25,21 @@ use brokkr_crds::wire::{
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 pub use auth::{AuthCache, AuthenticatedAgent};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
 
-use crate::store::{EventReport, Store};
+use crate::store::{EventReport, Store, StoreError};
+use objects::{CachedObject, Missing, ObjectCache};
+use views::AgentView;
 
 /// Largest request body the API reads.
 pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Memory for deployment objects' response bodies, shared by every agent fetching them.
+pub const OBJECT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
@@ -43,8 +49,6 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// Deadline of every request but the long-poll, which gets `max_wait` more.
     pub request_timeout: Duration,
-    /// How long an authenticated key is trusted without asking the database again.
-    pub auth_cache_ttl: Duration,
 }
 
 impl Default for ApiConfig {
@@ -53,7 +57,6 @@ impl Default for ApiConfig {
             heartbeat_interval: Duration::from_secs(15),
             max_wait: Duration::from_secs(MAX_WAIT_SECONDS),
             request_timeout: Duration::from_secs(30),
-            auth_cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -61,17 +64,18 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 pub struct ApiState {
     store: Store,
-    auth: Arc<AuthCache>,
     changes: ChangeFeed,
+    objects: Arc<ObjectCache>,
     config: Arc<ApiConfig>,
 }
 
 impl ApiState {
+    /// `changes` must be listening (see [`ChangeFeed::listen`]) for long-polls to wake.
     pub fn new(store: Store, changes: ChangeFeed, config: ApiConfig) -> ApiState {
         ApiState {
             store,
-            auth: Arc::new(AuthCache::new(config.auth_cache_ttl)),
             changes,
+            objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
             config: Arc::new(config),
         }
     }
@@ -178,51 +182,63 @@ async fn desired(
 ) -> Result<Json<DesiredState>, ApiError> {
     let Query(query) = query?;
     let since = query.since.as_deref().map(Cursor::parse).transpose()?;
+    let since_sequence = since.as_ref().map_or(0, |c| c.sequence);
     let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(state.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribe before reading, so a change between the read and the wait is not lost.
-    let mut changes = state.changes.subscribe();
+    let mut wake = state.changes.views().subscribe(agent.id);
     loop {
-        let current = state
-            .store
-            .desired_for_agent(agent.id, since.as_ref().map_or(0, |c| c.sequence))
-            .await?;
-        let stacks: Vec<DesiredStack> = current
-            .entries
-            .into_iter()
-            .map(|e| DesiredStack {
-                stack_id: e.stack_id,
-                stack_name: e.stack_name,
-                deployment_object_id: e.deployment_object_id,
-                sequence: e.sequence_id,
-                checksum: e.yaml_checksum,
-                deletion: e.is_deletion_marker,
-            })
-            .collect();
-        let cursor = Cursor::of(&stacks, current.max_sequence);
-        let response = DesiredState {
-            cursor: cursor.text(),
-            stacks,
-        };
+        let view = current_view(&state, agent.id, since_sequence).await?;
+        let (stacks, max_sequence) = view.answer(since_sequence);
+        let cursor = Cursor::of(&stacks, max_sequence);
         if since.as_ref() != Some(&cursor) || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(response));
+            return Ok(Json(DesiredState {
+                cursor: cursor.text(),
+                stacks,
+            }));
         }
-        let watched: HashSet<Uuid> = response.stacks.iter().map(|s| s.stack_id).collect();
-        loop {
-            tokio::select! {
-                change = changes.recv() => match change {
-                    Ok(Change::Stack(id)) if watched.contains(&id) => break,
-                    Ok(Change::Agent(id)) if id == agent.id => break,
-                    Ok(Change::All) | Err(RecvError::Lagged(_)) => break,
-                    Ok(_) => continue,
-                    Err(RecvError::Closed) => {
-                        tokio::time::sleep_until(deadline).await;
-                        return Ok(Json(response));
-                    }
-                },
-                _ = tokio::time::sleep_until(deadline) => return Ok(Json(response)),
+        // Parked with only the cursor and the subscription held.
+        drop((view, stacks));
+        tokio::select! {
+            woken = wake.changed() => {
+                if woken.is_err() {
+                    // The view was dropped with its sender: subscribe anew and re-read.
+                    wake = state.changes.views().subscribe(agent.id);
+                }
             }
+            _ = tokio::time::sleep_until(deadline) => {}
         }
+    }
+}
+
+/// The agent's desired state: the view the change feed keeps, or a query.
+async fn current_view(
+    state: &ApiState,
+    agent_id: Uuid,
+    since_sequence: i64,
+) -> Result<Arc<AgentView>, ApiError> {
+    let views = state.changes.views();
+    if let Some(view) = views.get(agent_id, since_sequence) {
+        return Ok(view);
+    }
+    let epoch = views.epoch();
+    let queried = state
+        .store
+        .desired_for_agent(agent_id, since_sequence)
+        .await?;
+    let view = Arc::new(AgentView::new(since_sequence, queried.entries));
+    views.remember(agent_id, epoch, view.clone());
+    Ok(view)
+}
+
+enum ObjectLoadError {
+    Missing,
+    Store(StoreError),
+}
+
+impl From<Missing> for ObjectLoadError {
+    fn from(_: Missing) -> Self {
+        ObjectLoadError::Missing
     }
 }
 
@@ -230,25 +246,51 @@ async fn deployment_object(
     agent: AuthenticatedAgent,
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<DeploymentObject>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a deployment object id")))?;
+    // The same answer whether the object does not exist or is someone else's.
+    let not_targeted = || {
+        ApiError::NotFound(format!(
+            "deployment object {id} is not targeted at this agent"
+        ))
+    };
     let object = state
-        .store
-        .deployment_object_for_agent(agent.id, id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "deployment object {id} is not targeted at this agent"
-            ))
+        .objects
+        .get_or_load(id, || load_object(&state.store, id))
+        .await
+        .map_err(|err| match err {
+            ObjectLoadError::Missing => not_targeted(),
+            ObjectLoadError::Store(err) => ApiError::from(err),
         })?;
-    Ok(Json(DeploymentObject {
+    let targeted = state.changes.views().holds(agent.id, object.stack_id)
+        || state.store.is_targeted(agent.id, object.stack_id).await?;
+    if !targeted {
+        return Err(not_targeted());
+    }
+    Ok(([(CONTENT_TYPE, "application/json")], object.body).into_response())
+}
+
+async fn load_object(store: &Store, id: Uuid) -> Result<Option<CachedObject>, ObjectLoadError> {
+    let Some(object) = store
+        .deployment_object(id)
+        .await
+        .map_err(ObjectLoadError::Store)?
+    else {
+        return Ok(None);
+    };
+    let body = serde_json::to_vec(&DeploymentObject {
         id: object.id,
         stack_id: object.stack_id,
         sequence: object.sequence_id,
         checksum: object.yaml_checksum,
         deletion: object.is_deletion_marker,
         yaml: object.yaml_content,
+    })
+    .expect("a deployment object serialises to JSON");
+    Ok(Some(CachedObject {
+        stack_id: object.stack_id,
+        body: body.into(),
     }))
 }
 

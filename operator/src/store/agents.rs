@@ -148,8 +148,8 @@ impl Store {
         if let Some(version) = version {
             check_len("agent version", version, limits::AGENT_VERSION)?;
         }
-        let txn = self.db.begin().await?;
-        let updated = agents::Entity::update_many()
+        // One statement: at 10,000 agents this runs ~700 times a second.
+        agents::Entity::update_many()
             .col_expr(agents::Column::LastHeartbeat, Expr::current_timestamp())
             .col_expr(agents::Column::Status, Expr::value("Online"))
             .col_expr(
@@ -158,17 +158,10 @@ impl Store {
             )
             .filter(agents::Column::Id.eq(agent_id))
             .filter(agents::Column::DeletedAt.is_null())
-            .exec(&txn)
-            .await?;
-        if updated.rows_affected == 0 {
-            return Err(StoreError::not_found(format!("live agent {agent_id}")));
-        }
-        let agent = agents::Entity::find_by_id(agent_id)
-            .one(&txn)
+            .exec_with_returning(&self.db)
             .await?
-            .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))?;
-        txn.commit().await?;
-        Ok(agent)
+            .pop()
+            .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))
     }
 
     /// Sets an agent's `status` column (`Online`, `Offline`, ...).

@@ -1,3 +1,5 @@
+use std::collections::{HashMap, HashSet};
+
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 use uuid::Uuid;
 
@@ -13,6 +15,8 @@ pub struct DesiredEntry {
     pub sequence_id: i64,
     pub yaml_checksum: String,
     pub is_deletion_marker: bool,
+    /// The stack is deleted: the entry is its deletion marker, delivered once.
+    pub stack_deleted: bool,
 }
 
 /// The desired state of one agent: per targeted live stack its newest live deployment
@@ -25,26 +29,185 @@ pub struct DesiredState {
     pub max_sequence: i64,
 }
 
-/// One index probe per target (`deployment_objects_stack_latest_live_idx`), so the cost
-/// grows with the agent's targets, never with history.
-const DESIRED_FOR_AGENT: &str = r#"
-SELECT t.stack_id, s.name AS stack_name, d.id AS deployment_object_id, d.sequence_id,
-       d.yaml_checksum, d.is_deletion_marker
-FROM agent_targets t
-JOIN stacks s ON s.id = t.stack_id
-CROSS JOIN LATERAL (
+/// The newest live deployment object of stack `s`: one probe of
+/// `deployment_objects_stack_latest_live_idx`, whatever the history's length.
+macro_rules! latest_live_object_of_s {
+    () => {
+        r#"LATERAL (
     SELECT id, sequence_id, yaml_checksum, is_deletion_marker
     FROM deployment_objects
-    WHERE stack_id = t.stack_id AND deleted_at IS NULL
+    WHERE stack_id = s.id AND deleted_at IS NULL
     ORDER BY sequence_id DESC
     LIMIT 1
-) d
+) d"#
+    };
+}
+
+/// One probe per target, so the cost grows with the agent's targets, never with history.
+const DESIRED_FOR_AGENT: &str = concat!(
+    r#"
+SELECT t.stack_id, s.name AS stack_name, d.id AS deployment_object_id, d.sequence_id,
+       d.yaml_checksum, d.is_deletion_marker, s.deleted_at IS NOT NULL AS stack_deleted
+FROM agent_targets t
+JOIN stacks s ON s.id = t.stack_id
+CROSS JOIN "#,
+    latest_live_object_of_s!(),
+    r#"
 WHERE t.agent_id = $1
   AND (s.deleted_at IS NULL OR (d.is_deletion_marker AND d.sequence_id > $2))
 ORDER BY t.stack_id
-"#;
+"#
+);
+
+/// A stack's newest live deployment object, and who it is for: what a change
+/// notification about the stack means for every agent's desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackHead {
+    pub stack_id: Uuid,
+    pub stack_name: String,
+    pub stack_deleted: bool,
+    /// `None` when the stack has no live deployment object.
+    pub head: Option<HeadObject>,
+    /// The agents the stack is targeted at.
+    pub agents: HashSet<Uuid>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadObject {
+    pub deployment_object_id: Uuid,
+    pub sequence_id: i64,
+    pub yaml_checksum: String,
+    pub is_deletion_marker: bool,
+}
+
+#[derive(FromQueryResult)]
+struct HeadRow {
+    stack_id: Uuid,
+    stack_name: String,
+    stack_deleted: bool,
+    deployment_object_id: Option<Uuid>,
+    sequence_id: Option<i64>,
+    yaml_checksum: Option<String>,
+    is_deletion_marker: Option<bool>,
+}
+
+#[derive(FromQueryResult)]
+struct TargetRow {
+    stack_id: Uuid,
+    agent_id: Uuid,
+}
+
+/// The same per-stack probe as [`DESIRED_FOR_AGENT`], for a list of stacks.
+const STACK_HEADS: &str = concat!(
+    r#"
+SELECT s.id AS stack_id, s.name AS stack_name, s.deleted_at IS NOT NULL AS stack_deleted,
+       d.id AS deployment_object_id, d.sequence_id, d.yaml_checksum, d.is_deletion_marker
+FROM stacks s
+LEFT JOIN "#,
+    latest_live_object_of_s!(),
+    r#" ON TRUE
+WHERE s.id IN ({ids})
+"#
+);
+
+const STACK_TARGETS: &str =
+    "SELECT stack_id, agent_id FROM agent_targets WHERE stack_id IN ({ids})";
+
+/// Most stacks one heads query asks about (PostgreSQL binds at most 65,535 values).
+const HEADS_PER_QUERY: usize = 1000;
 
 impl Store {
+    /// The heads of `stack_ids` and their targets. Stacks that no longer exist come
+    /// back without a head or agents.
+    pub async fn stack_heads(&self, stack_ids: &[Uuid]) -> StoreResult<Vec<StackHead>> {
+        let mut heads: HashMap<Uuid, StackHead> = HashMap::with_capacity(stack_ids.len());
+        for chunk in stack_ids.chunks(HEADS_PER_QUERY) {
+            let placeholders = (1..=chunk.len())
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let values = || chunk.iter().map(|id| sea_orm::Value::from(*id));
+            let rows = HeadRow::find_by_statement(statement(
+                &STACK_HEADS.replace("{ids}", &placeholders),
+                values(),
+            ))
+            .all(&self.db)
+            .await?;
+            let targets = TargetRow::find_by_statement(statement(
+                &STACK_TARGETS.replace("{ids}", &placeholders),
+                values(),
+            ))
+            .all(&self.db)
+            .await?;
+            for row in rows {
+                let head = match (
+                    row.deployment_object_id,
+                    row.sequence_id,
+                    row.yaml_checksum,
+                    row.is_deletion_marker,
+                ) {
+                    (Some(id), Some(sequence_id), Some(yaml_checksum), Some(deletion)) => {
+                        Some(HeadObject {
+                            deployment_object_id: id,
+                            sequence_id,
+                            yaml_checksum,
+                            is_deletion_marker: deletion,
+                        })
+                    }
+                    _ => None,
+                };
+                heads.insert(
+                    row.stack_id,
+                    StackHead {
+                        stack_id: row.stack_id,
+                        stack_name: row.stack_name,
+                        stack_deleted: row.stack_deleted,
+                        head,
+                        agents: HashSet::new(),
+                    },
+                );
+            }
+            for target in targets {
+                if let Some(head) = heads.get_mut(&target.stack_id) {
+                    head.agents.insert(target.agent_id);
+                }
+            }
+        }
+        Ok(stack_ids
+            .iter()
+            .map(|id| {
+                heads.remove(id).unwrap_or_else(|| StackHead {
+                    stack_id: *id,
+                    stack_name: String::new(),
+                    stack_deleted: true,
+                    head: None,
+                    agents: HashSet::new(),
+                })
+            })
+            .collect())
+    }
+
+    /// A deployment object by id, whoever it is for.
+    pub async fn deployment_object(
+        &self,
+        deployment_object_id: Uuid,
+    ) -> StoreResult<Option<deployment_objects::Model>> {
+        Ok(deployment_objects::Entity::find_by_id(deployment_object_id)
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Whether `stack_id` is targeted at `agent_id`.
+    pub async fn is_targeted(&self, agent_id: Uuid, stack_id: Uuid) -> StoreResult<bool> {
+        use crate::entity::agent_targets;
+        Ok(agent_targets::Entity::find()
+            .filter(agent_targets::Column::AgentId.eq(agent_id))
+            .filter(agent_targets::Column::StackId.eq(stack_id))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
     /// What `agent_id` should hold now. `deletions_after` is the agent's cursor:
     /// deletion markers at or below it were already delivered and are left out.
     pub async fn desired_for_agent(
@@ -66,26 +229,6 @@ impl Store {
             entries,
             max_sequence,
         })
-    }
-
-    /// A deployment object, only if it belongs to a stack targeted at `agent_id`.
-    pub async fn deployment_object_for_agent(
-        &self,
-        agent_id: Uuid,
-        deployment_object_id: Uuid,
-    ) -> StoreResult<Option<deployment_objects::Model>> {
-        Ok(deployment_objects::Entity::find_by_id(deployment_object_id)
-            .filter(
-                deployment_objects::Column::StackId.in_subquery(
-                    sea_orm::sea_query::Query::select()
-                        .column(crate::entity::agent_targets::Column::StackId)
-                        .from(crate::entity::agent_targets::Entity)
-                        .and_where(crate::entity::agent_targets::Column::AgentId.eq(agent_id))
-                        .to_owned(),
-                ),
-            )
-            .one(&self.db)
-            .await?)
     }
 
     /// Explains the desired-state query's plan for `agent_id` (EXPLAIN ANALYZE), for

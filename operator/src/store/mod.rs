@@ -16,7 +16,7 @@ mod stacks;
 use sea_orm::{DatabaseConnection, DbBackend, Statement, Value};
 
 pub use agents::{AgentKey, AgentSync};
-pub use deployments::{DesiredEntry, DesiredState};
+pub use deployments::{DesiredEntry, DesiredState, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
 pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;

@@ -81,7 +81,11 @@ impl Hub {
     pub async fn serve_api(&self) -> String {
         use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
         let changes = ChangeFeed::default();
-        tokio::spawn(changes.clone().listen(self.db.url().to_owned()));
+        tokio::spawn(
+            changes
+                .clone()
+                .listen(self.db.url().to_owned(), self.store.clone()),
+        );
         let app = api::app(ApiState::new(
             self.store.clone(),
             changes,

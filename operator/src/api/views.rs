@@ -1,0 +1,370 @@
+//! Each agent's desired state, held in memory and kept current by the change feed.
+//!
+//! A push to a stack targeted at 10,000 agents used to wake 10,000 long-polls, each of
+//! which re-ran the desired-state query for one changed row. Now the change feed asks
+//! the database once per change ([`Store::stack_heads`]) and patches every affected
+//! agent's view here; only the agents whose view changed are woken, and they answer
+//! without a query. Re-parked long-polls and renewals read the same views.
+//!
+//! A view is only ever stored if no change was applied while its query ran (the
+//! `epoch` check), so a view never misses a change: either the change was applied after
+//! the view was stored (and patched it), or it was visible to the query.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use brokkr_crds::wire::DesiredStack;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::store::{DesiredEntry, StackHead};
+
+/// Beyond this many agents without a waiting request, views are dropped (and queried
+/// again when asked for), bounding memory on a hub that has seen many agents come and go.
+const MAX_IDLE_AGENTS: usize = 100_000;
+
+/// What one agent should hold, as the desired-state query returned it for cursors at
+/// or after `deletions_after`.
+#[derive(Debug)]
+pub struct AgentView {
+    deletions_after: i64,
+    /// Ordered by stack id.
+    entries: Vec<DesiredEntry>,
+}
+
+impl AgentView {
+    pub fn new(deletions_after: i64, mut entries: Vec<DesiredEntry>) -> AgentView {
+        entries.sort_by_key(|e| e.stack_id);
+        AgentView {
+            deletions_after,
+            entries,
+        }
+    }
+
+    /// The answer for an agent whose cursor is at `since`: its stacks, and the highest
+    /// sequence among them (or `since`, if higher).
+    pub fn answer(&self, since: i64) -> (Vec<DesiredStack>, i64) {
+        let stacks: Vec<DesiredStack> = self
+            .entries
+            .iter()
+            .filter(|e| !e.stack_deleted || (e.is_deletion_marker && e.sequence_id > since))
+            .map(|e| DesiredStack {
+                stack_id: e.stack_id,
+                stack_name: e.stack_name.clone(),
+                deployment_object_id: e.deployment_object_id,
+                sequence: e.sequence_id,
+                checksum: e.yaml_checksum.clone(),
+                deletion: e.is_deletion_marker,
+            })
+            .collect();
+        let max_sequence = stacks.iter().map(|s| s.sequence).fold(since, i64::max);
+        (stacks, max_sequence)
+    }
+
+    pub fn holds(&self, stack_id: Uuid) -> bool {
+        self.position(stack_id).is_ok()
+    }
+
+    fn position(&self, stack_id: Uuid) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&stack_id, |e| e.stack_id)
+    }
+
+    /// This view after `head` (the stack's state now), or `None` if it is unchanged.
+    fn patched(&self, agent_id: Uuid, head: &StackHead) -> Option<AgentView> {
+        let wanted = head
+            .head
+            .as_ref()
+            .filter(|_| head.agents.contains(&agent_id))
+            .filter(|h| {
+                !head.stack_deleted
+                    || (h.is_deletion_marker && h.sequence_id > self.deletions_after)
+            })
+            .map(|h| DesiredEntry {
+                stack_id: head.stack_id,
+                stack_name: head.stack_name.clone(),
+                deployment_object_id: h.deployment_object_id,
+                sequence_id: h.sequence_id,
+                yaml_checksum: h.yaml_checksum.clone(),
+                is_deletion_marker: h.is_deletion_marker,
+                stack_deleted: head.stack_deleted,
+            });
+        let mut entries = self.entries.clone();
+        match (self.position(head.stack_id), wanted) {
+            // Sequences only grow; an older head is a notification that arrived after a
+            // query had already seen a newer one.
+            (Ok(at), Some(wanted)) if entries[at] != wanted => {
+                if entries[at].sequence_id > wanted.sequence_id {
+                    return None;
+                }
+                entries[at] = wanted;
+            }
+            (Ok(at), None) => {
+                entries.remove(at);
+            }
+            (Err(at), Some(wanted)) => entries.insert(at, wanted),
+            (Ok(_), Some(_)) | (Err(_), None) => return None,
+        }
+        Some(AgentView {
+            deletions_after: self.deletions_after,
+            entries,
+        })
+    }
+}
+
+struct Slot {
+    view: Option<Arc<AgentView>>,
+    wake: watch::Sender<()>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            view: None,
+            wake: watch::Sender::new(()),
+        }
+    }
+
+    fn set(&mut self, view: Option<Arc<AgentView>>) {
+        self.view = view;
+        self.wake.send_replace(());
+    }
+}
+
+#[derive(Default)]
+struct Views {
+    /// Counts applied changes.
+    epoch: u64,
+    agents: HashMap<Uuid, Slot>,
+}
+
+/// The views of the agents this replica has served.
+#[derive(Default)]
+pub struct DesiredViews {
+    inner: Mutex<Views>,
+}
+
+impl DesiredViews {
+    fn lock(&self) -> MutexGuard<'_, Views> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes when `agent_id`'s view changes or is dropped. Subscribe before reading the
+    /// view, so that a change in between is not missed.
+    pub fn subscribe(&self, agent_id: Uuid) -> watch::Receiver<()> {
+        let mut views = self.lock();
+        if views.agents.len() >= MAX_IDLE_AGENTS && !views.agents.contains_key(&agent_id) {
+            views
+                .agents
+                .retain(|_, slot| slot.wake.receiver_count() > 0);
+        }
+        views
+            .agents
+            .entry(agent_id)
+            .or_insert_with(Slot::new)
+            .wake
+            .subscribe()
+    }
+
+    /// The stored view of `agent_id`, if it serves a cursor at `since`.
+    pub fn get(&self, agent_id: Uuid, since: i64) -> Option<Arc<AgentView>> {
+        self.lock()
+            .agents
+            .get(&agent_id)?
+            .view
+            .clone()
+            .filter(|view| view.deletions_after <= since)
+    }
+
+    /// Stamp to pass to [`DesiredViews::remember`]; take it before querying.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Stores a view queried after [`DesiredViews::epoch`] returned `epoch`, unless a
+    /// change was applied since (the view might predate it).
+    pub fn remember(&self, agent_id: Uuid, epoch: u64, view: Arc<AgentView>) {
+        let mut views = self.lock();
+        if views.epoch != epoch {
+            return;
+        }
+        if let Some(slot) = views.agents.get_mut(&agent_id) {
+            // No wake-up: whoever queried is about to answer from this view.
+            slot.view = Some(view);
+        }
+    }
+
+    /// Whether `agent_id`'s stored view holds `stack_id` (`false` when unknown).
+    pub fn holds(&self, agent_id: Uuid, stack_id: Uuid) -> bool {
+        self.lock()
+            .agents
+            .get(&agent_id)
+            .and_then(|slot| slot.view.as_ref())
+            .is_some_and(|view| view.holds(stack_id))
+    }
+
+    /// Applies stacks' new heads to the views of the agents they target.
+    pub fn apply_heads(&self, heads: &[StackHead]) {
+        let mut views = self.lock();
+        views.epoch += 1;
+        for head in heads {
+            for agent_id in &head.agents {
+                let Some(slot) = views.agents.get_mut(agent_id) else {
+                    continue;
+                };
+                match &slot.view {
+                    Some(view) => {
+                        if let Some(patched) = view.patched(*agent_id, head) {
+                            slot.set(Some(Arc::new(patched)));
+                        }
+                    }
+                    // A waiter whose view was not stored queries again.
+                    None => slot.set(None),
+                }
+            }
+        }
+    }
+
+    /// Drops `agent_id`'s view (its targets changed): its waiters query again.
+    pub fn forget(&self, agent_id: Uuid) {
+        let mut views = self.lock();
+        views.epoch += 1;
+        if let Some(slot) = views.agents.get_mut(&agent_id) {
+            slot.set(None);
+        }
+    }
+
+    /// Drops every view (notifications may have been missed).
+    pub fn forget_all(&self) {
+        let mut views = self.lock();
+        views.epoch += 1;
+        views
+            .agents
+            .retain(|_, slot| slot.wake.receiver_count() > 0);
+        for slot in views.agents.values_mut() {
+            slot.set(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::store::HeadObject;
+
+    fn entry(stack: Uuid, sequence: i64) -> DesiredEntry {
+        DesiredEntry {
+            stack_id: stack,
+            stack_name: "ns/app".into(),
+            deployment_object_id: Uuid::from_u128(sequence as u128),
+            sequence_id: sequence,
+            yaml_checksum: format!("sum-{sequence}"),
+            is_deletion_marker: false,
+            stack_deleted: false,
+        }
+    }
+
+    fn head(stack: Uuid, sequence: i64, agents: &[Uuid]) -> StackHead {
+        StackHead {
+            stack_id: stack,
+            stack_name: "ns/app".into(),
+            stack_deleted: false,
+            head: Some(HeadObject {
+                deployment_object_id: Uuid::from_u128(sequence as u128),
+                sequence_id: sequence,
+                yaml_checksum: format!("sum-{sequence}"),
+                is_deletion_marker: false,
+            }),
+            agents: agents.iter().copied().collect::<HashSet<_>>(),
+        }
+    }
+
+    fn sequences(view: &AgentView) -> Vec<i64> {
+        view.answer(0).0.iter().map(|s| s.sequence).collect()
+    }
+
+    #[test]
+    fn a_new_head_replaces_the_entry_and_an_old_one_is_ignored() {
+        let (agent, stack) = (Uuid::now_v7(), Uuid::now_v7());
+        let view = AgentView::new(0, vec![entry(stack, 5)]);
+        let patched = view.patched(agent, &head(stack, 7, &[agent])).unwrap();
+        assert_eq!(sequences(&patched), [7]);
+        assert!(patched.patched(agent, &head(stack, 6, &[agent])).is_none());
+        assert!(patched.patched(agent, &head(stack, 7, &[agent])).is_none());
+    }
+
+    #[test]
+    fn a_newly_targeted_stack_is_added_in_order_and_an_untargeted_one_removed() {
+        let agent = Uuid::now_v7();
+        let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let view = AgentView::new(0, vec![entry(second, 3)]);
+        let added = view.patched(agent, &head(first, 4, &[agent])).unwrap();
+        assert_eq!(sequences(&added), [4, 3]);
+        let removed = added.patched(agent, &head(first, 5, &[])).unwrap();
+        assert_eq!(sequences(&removed), [3]);
+    }
+
+    #[test]
+    fn a_deletion_marker_is_answered_once_past_the_cursor() {
+        let (agent, stack) = (Uuid::now_v7(), Uuid::now_v7());
+        let view = AgentView::new(0, vec![entry(stack, 5)]);
+        let mut deleted = head(stack, 9, &[agent]);
+        deleted.stack_deleted = true;
+        deleted.head.as_mut().unwrap().is_deletion_marker = true;
+        let patched = view.patched(agent, &deleted).unwrap();
+        let (stacks, max) = patched.answer(5);
+        assert!(stacks[0].deletion);
+        assert_eq!(max, 9);
+        let (stacks, max) = patched.answer(9);
+        assert!(stacks.is_empty());
+        assert_eq!(max, 9);
+    }
+
+    #[test]
+    fn only_affected_waiters_wake_and_views_queried_before_a_change_are_not_kept() {
+        let views = DesiredViews::default();
+        let (agent, other, stack) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut wake = views.subscribe(agent);
+        let mut other_wake = views.subscribe(other);
+        let epoch = views.epoch();
+        views.remember(
+            agent,
+            epoch,
+            Arc::new(AgentView::new(0, vec![entry(stack, 1)])),
+        );
+        views.remember(other, epoch, Arc::new(AgentView::new(0, vec![])));
+        assert!(views.holds(agent, stack));
+
+        views.apply_heads(&[head(stack, 2, &[agent])]);
+        assert!(wake.has_changed().unwrap());
+        assert!(!other_wake.has_changed().unwrap());
+        wake.mark_unchanged();
+        assert_eq!(sequences(&views.get(agent, 0).unwrap()), [2]);
+        // A view queried for cursor 0 serves every later cursor.
+        assert!(views.get(agent, 10).is_some());
+
+        let stale_epoch = views.epoch();
+        views.forget(agent);
+        assert!(wake.has_changed().unwrap());
+        views.remember(agent, stale_epoch, Arc::new(AgentView::new(0, vec![])));
+        assert!(
+            views.get(agent, 0).is_none(),
+            "a view older than a change is not kept"
+        );
+        other_wake.mark_unchanged();
+        views.forget_all();
+        assert!(other_wake.has_changed().unwrap());
+        assert!(views.get(other, 0).is_none());
+    }
+
+    #[test]
+    fn a_view_queried_for_a_later_cursor_does_not_serve_an_earlier_one() {
+        let views = DesiredViews::default();
+        let agent = Uuid::now_v7();
+        let _wake = views.subscribe(agent);
+        views.remember(agent, views.epoch(), Arc::new(AgentView::new(8, vec![])));
+        assert!(views.get(agent, 8).is_some());
+        assert!(views.get(agent, 3).is_none());
+    }
+}
