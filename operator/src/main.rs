@@ -4,9 +4,6 @@ use brokkr_operator::config::{Cli, Command};
 use brokkr_operator::controllers::error_chain;
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

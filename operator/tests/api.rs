@@ -629,9 +629,29 @@ async fn heartbeats_mark_the_agent_online() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["heartbeatIntervalSeconds"], 15);
-    let agent = f.store.find_agent(f.agent).await.unwrap().unwrap();
-    assert_eq!(agent.status, "Online");
-    assert_eq!(agent.agent_version.as_deref(), Some("0.1.0"));
+    // Heartbeats are written in batches, once a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let agent = f.store.find_agent(f.agent).await.unwrap().unwrap();
+        if agent.status == "Online" {
+            assert_eq!(agent.agent_version.as_deref(), Some("0.1.0"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", agent.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/heartbeat",
+            json!({"version": "v".repeat(65), "state": "Ready", "stacks": []}),
+        ))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
 }
 
 #[tokio::test]

@@ -1044,6 +1044,41 @@ async fn heartbeat_marks_the_agent_online_with_its_version() {
 }
 
 #[tokio::test]
+async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
+    let f = Fixture::new().await;
+    let (edge1, edge2, gone) = (
+        f.agent("edge-1", "edge").await,
+        f.agent("edge-2", "edge").await,
+        f.agent("edge-3", "edge").await,
+    );
+    f.store.soft_delete_agent(gone).await.unwrap();
+    let updated = f
+        .store
+        .record_heartbeats(&[
+            (edge1, Some("1.0.0".to_owned())),
+            (edge2, Some("1.1.0".to_owned())),
+            (gone, Some("1.0.0".to_owned())),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(updated, 2);
+    for (agent, version) in [(edge1, "1.0.0"), (edge2, "1.1.0")] {
+        let row = f.store.find_agent(agent).await.unwrap().unwrap();
+        assert_eq!(row.status, "Online");
+        assert_eq!(row.agent_version.as_deref(), Some(version));
+        assert!(row.last_heartbeat.is_some());
+    }
+    let row = f.store.find_agent(gone).await.unwrap().unwrap();
+    assert!(row.last_heartbeat.is_none());
+    assert!(matches!(
+        f.store
+            .record_heartbeats(&[(edge1, Some("v".repeat(65)))])
+            .await,
+        Err(StoreError::TooLong { .. })
+    ));
+}
+
+#[tokio::test]
 async fn agent_keys_are_found_by_prefix_and_only_hashes_are_stored() {
     let f = Fixture::new().await;
     let agent = f.agent("edge-1", "edge").await;

@@ -5,6 +5,7 @@
 mod auth;
 pub mod changes;
 mod error;
+mod heartbeats;
 mod objects;
 mod openapi;
 mod views;
@@ -31,7 +32,8 @@ pub use auth::{AuthCache, AuthenticatedAgent};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
 
-use crate::store::{EventReport, Store, StoreError};
+use crate::store::{EventReport, Store, StoreError, limits};
+use heartbeats::Heartbeats;
 use objects::{CachedObject, Missing, ObjectCache};
 use views::AgentView;
 
@@ -66,6 +68,7 @@ pub struct ApiState {
     store: Store,
     changes: ChangeFeed,
     objects: Arc<ObjectCache>,
+    heartbeats: Arc<Heartbeats>,
     config: Arc<ApiConfig>,
 }
 
@@ -76,6 +79,7 @@ impl ApiState {
             store,
             changes,
             objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
+            heartbeats: Arc::default(),
             config: Arc::new(config),
         }
     }
@@ -328,7 +332,16 @@ async fn heartbeat(
     State(state): State<ApiState>,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    state.store.heartbeat(agent.id, Some(&beat.version)).await?;
+    let length = beat.version.chars().count();
+    if length > limits::AGENT_VERSION {
+        return Err(ApiError::Unprocessable(format!(
+            "agent version is {length} characters long; at most {} are allowed",
+            limits::AGENT_VERSION
+        )));
+    }
+    state
+        .heartbeats
+        .record(&state.store, agent.id, Some(beat.version));
     Ok(Json(HeartbeatAck {
         heartbeat_interval_seconds: state.config.heartbeat_interval.as_secs(),
     }))

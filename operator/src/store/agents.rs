@@ -164,6 +164,44 @@ impl Store {
             .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))
     }
 
+    /// Records heartbeats received since the last call, as of now, in one statement
+    /// per 5,000 agents (`None` clears the version, as in `heartbeat`). Deleted agents
+    /// are skipped.
+    pub async fn record_heartbeats(&self, beats: &[(Uuid, Option<String>)]) -> StoreResult<u64> {
+        let mut updated = 0;
+        for chunk in beats.chunks(5000) {
+            for (_, version) in chunk {
+                if let Some(version) = version {
+                    check_len("agent version", version, limits::AGENT_VERSION)?;
+                }
+            }
+            let rows = (0..chunk.len())
+                .map(|n| format!("(${}::uuid, ${}::varchar)", 2 * n + 1, 2 * n + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let values = chunk.iter().flat_map(|(id, version)| {
+                [
+                    sea_orm::Value::from(*id),
+                    sea_orm::Value::from(version.clone()),
+                ]
+            });
+            let result = self
+                .db
+                .execute_raw(super::statement(
+                    &format!(
+                        "UPDATE agents a SET last_heartbeat = now(), status = 'Online', \
+                         agent_version = v.version \
+                         FROM (VALUES {rows}) AS v(id, version) \
+                         WHERE a.id = v.id AND a.deleted_at IS NULL"
+                    ),
+                    values,
+                ))
+                .await?;
+            updated += result.rows_affected();
+        }
+        Ok(updated)
+    }
+
     /// Sets an agent's `status` column (`Online`, `Offline`, ...).
     pub async fn set_agent_status(&self, agent_id: Uuid, status: &str) -> StoreResult<()> {
         check_len("agent status", status, limits::AGENT_STATUS)?;
