@@ -225,13 +225,13 @@ async fn current_view(
     if let Some(view) = views.get(agent_id, since_sequence) {
         return Ok(view);
     }
-    let epoch = views.epoch();
+    let generation = views.generation(agent_id);
     let queried = state
         .store
         .desired_for_agent(agent_id, since_sequence)
         .await?;
     let view = Arc::new(AgentView::new(since_sequence, queried.entries));
-    views.remember(agent_id, epoch, view.clone());
+    views.remember(agent_id, generation, view.clone());
     Ok(view)
 }
 

@@ -6,9 +6,11 @@
 //! agent's view here; only the agents whose view changed are woken, and they answer
 //! without a query. Re-parked long-polls and renewals read the same views.
 //!
-//! A view is only ever stored if no change was applied while its query ran (the
-//! `epoch` check), so a view never misses a change: either the change was applied after
-//! the view was stored (and patched it), or it was visible to the query.
+//! A view is only ever stored if no change concerning its agent was applied while its
+//! query ran (the per-agent `generation` check), so a view never misses a change:
+//! either the change was applied after the view was stored (and patched it), or it was
+//! visible to the query. The check is per agent because a global one, at 10,000 agents
+//! polling, let every push void the thousands of queries in flight, which then ran again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -113,6 +115,8 @@ impl AgentView {
 
 struct Slot {
     view: Option<Arc<AgentView>>,
+    /// Counts the changes applied to this agent.
+    generation: u64,
     wake: watch::Sender<()>,
 }
 
@@ -120,6 +124,7 @@ impl Slot {
     fn new() -> Slot {
         Slot {
             view: None,
+            generation: 0,
             wake: watch::Sender::new(()),
         }
     }
@@ -132,8 +137,6 @@ impl Slot {
 
 #[derive(Default)]
 struct Views {
-    /// Counts applied changes.
-    epoch: u64,
     agents: HashMap<Uuid, Slot>,
 }
 
@@ -175,19 +178,19 @@ impl DesiredViews {
             .filter(|view| view.deletions_after <= since)
     }
 
-    /// Stamp to pass to [`DesiredViews::remember`]; take it before querying.
-    pub fn epoch(&self) -> u64 {
-        self.lock().epoch
+    /// Stamp to pass to [`DesiredViews::remember`]; take it after subscribing and
+    /// before querying.
+    pub fn generation(&self, agent_id: Uuid) -> Option<u64> {
+        Some(self.lock().agents.get(&agent_id)?.generation)
     }
 
-    /// Stores a view queried after [`DesiredViews::epoch`] returned `epoch`, unless a
-    /// change was applied since (the view might predate it).
-    pub fn remember(&self, agent_id: Uuid, epoch: u64, view: Arc<AgentView>) {
+    /// Stores a view queried after [`DesiredViews::generation`] returned `generation`,
+    /// unless a change concerning the agent was applied since (the view might predate it).
+    pub fn remember(&self, agent_id: Uuid, generation: Option<u64>, view: Arc<AgentView>) {
         let mut views = self.lock();
-        if views.epoch != epoch {
-            return;
-        }
-        if let Some(slot) = views.agents.get_mut(&agent_id) {
+        if let Some(slot) = views.agents.get_mut(&agent_id)
+            && Some(slot.generation) == generation
+        {
             // No wake-up: whoever queried is about to answer from this view.
             slot.view = Some(view);
         }
@@ -205,12 +208,12 @@ impl DesiredViews {
     /// Applies stacks' new heads to the views of the agents they target.
     pub fn apply_heads(&self, heads: &[StackHead]) {
         let mut views = self.lock();
-        views.epoch += 1;
         for head in heads {
             for agent_id in &head.agents {
                 let Some(slot) = views.agents.get_mut(agent_id) else {
                     continue;
                 };
+                slot.generation += 1;
                 match &slot.view {
                     Some(view) => {
                         if let Some(patched) = view.patched(*agent_id, head) {
@@ -226,9 +229,8 @@ impl DesiredViews {
 
     /// Drops `agent_id`'s view (its targets changed): its waiters query again.
     pub fn forget(&self, agent_id: Uuid) {
-        let mut views = self.lock();
-        views.epoch += 1;
-        if let Some(slot) = views.agents.get_mut(&agent_id) {
+        if let Some(slot) = self.lock().agents.get_mut(&agent_id) {
+            slot.generation += 1;
             slot.set(None);
         }
     }
@@ -236,11 +238,11 @@ impl DesiredViews {
     /// Drops every view (notifications may have been missed).
     pub fn forget_all(&self) {
         let mut views = self.lock();
-        views.epoch += 1;
         views
             .agents
             .retain(|_, slot| slot.wake.receiver_count() > 0);
         for slot in views.agents.values_mut() {
+            slot.generation += 1;
             slot.set(None);
         }
     }
@@ -327,13 +329,25 @@ mod tests {
         let (agent, other, stack) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let mut wake = views.subscribe(agent);
         let mut other_wake = views.subscribe(other);
-        let epoch = views.epoch();
         views.remember(
             agent,
-            epoch,
+            views.generation(agent),
             Arc::new(AgentView::new(0, vec![entry(stack, 1)])),
         );
-        views.remember(other, epoch, Arc::new(AgentView::new(0, vec![])));
+        let before_unrelated_change = views.generation(other);
+        let mut without_content = head(Uuid::now_v7(), 1, &[agent]);
+        without_content.head = None;
+        views.apply_heads(&[without_content]);
+        views.remember(
+            other,
+            before_unrelated_change,
+            Arc::new(AgentView::new(0, vec![])),
+        );
+        assert!(
+            views.get(other, 0).is_some(),
+            "another agent's change does not void a query"
+        );
+        wake.mark_unchanged();
         assert!(views.holds(agent, stack));
 
         views.apply_heads(&[head(stack, 2, &[agent])]);
@@ -344,10 +358,10 @@ mod tests {
         // A view queried for cursor 0 serves every later cursor.
         assert!(views.get(agent, 10).is_some());
 
-        let stale_epoch = views.epoch();
+        let stale = views.generation(agent);
         views.forget(agent);
         assert!(wake.has_changed().unwrap());
-        views.remember(agent, stale_epoch, Arc::new(AgentView::new(0, vec![])));
+        views.remember(agent, stale, Arc::new(AgentView::new(0, vec![])));
         assert!(
             views.get(agent, 0).is_none(),
             "a view older than a change is not kept"
@@ -363,7 +377,11 @@ mod tests {
         let views = DesiredViews::default();
         let agent = Uuid::now_v7();
         let _wake = views.subscribe(agent);
-        views.remember(agent, views.epoch(), Arc::new(AgentView::new(8, vec![])));
+        views.remember(
+            agent,
+            views.generation(agent),
+            Arc::new(AgentView::new(8, vec![])),
+        );
         assert!(views.get(agent, 8).is_some());
         assert!(views.get(agent, 3).is_none());
     }
