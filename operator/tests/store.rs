@@ -1055,9 +1055,9 @@ async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
     let updated = f
         .store
         .record_heartbeats(&[
-            (edge1, Some("1.0.0".to_owned())),
-            (edge2, Some("1.1.0".to_owned())),
-            (gone, Some("1.0.0".to_owned())),
+            (edge1, "1.0.0".to_owned()),
+            (edge2, "1.1.0".to_owned()),
+            (gone, "1.0.0".to_owned()),
         ])
         .await
         .unwrap();
@@ -1071,9 +1071,7 @@ async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
     let row = f.store.find_agent(gone).await.unwrap().unwrap();
     assert!(row.last_heartbeat.is_none());
     assert!(matches!(
-        f.store
-            .record_heartbeats(&[(edge1, Some("v".repeat(65)))])
-            .await,
+        f.store.record_heartbeats(&[(edge1, "v".repeat(65))]).await,
         Err(StoreError::TooLong { .. })
     ));
 }

@@ -58,7 +58,7 @@ impl AuthCache {
     }
 
     fn lock(&self) -> MutexGuard<'_, Entries> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        super::lock(&self.inner)
     }
 
     fn get(&self, prefix: &str) -> Option<CachedAgent> {

@@ -66,20 +66,16 @@ pub struct ChangeFeed {
 
 impl Default for ChangeFeed {
     fn default() -> Self {
-        ChangeFeed::new(AUTH_CACHE_TTL)
+        ChangeFeed {
+            held: Arc::new(Held {
+                views: DesiredViews::default(),
+                auth: AuthCache::new(AUTH_CACHE_TTL),
+            }),
+        }
     }
 }
 
 impl ChangeFeed {
-    pub fn new(auth_cache_ttl: Duration) -> ChangeFeed {
-        ChangeFeed {
-            held: Arc::new(Held {
-                views: DesiredViews::default(),
-                auth: AuthCache::new(auth_cache_ttl),
-            }),
-        }
-    }
-
     pub(crate) fn views(&self) -> &DesiredViews {
         &self.held.views
     }
@@ -89,7 +85,7 @@ impl ChangeFeed {
     }
 
     /// Applies a batch of changes.
-    pub async fn apply(&self, store: &Store, changes: &[Change]) {
+    async fn apply(&self, store: &Store, changes: &[Change]) {
         if changes.contains(&Change::All) {
             return self.forget_all();
         }

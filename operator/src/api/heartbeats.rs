@@ -4,12 +4,13 @@
 //! most a second late; its `Offline` deadline is three heartbeat intervals.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tracing::warn;
 use uuid::Uuid;
 
+use super::lock;
 use crate::controllers::error_chain;
 use crate::store::Store;
 
@@ -18,19 +19,15 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeats not written yet: the latest version per agent.
 #[derive(Default)]
 pub struct Heartbeats {
-    pending: Mutex<HashMap<Uuid, Option<String>>>,
+    pending: Mutex<HashMap<Uuid, String>>,
     flusher: OnceLock<()>,
 }
 
 impl Heartbeats {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Option<String>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Buffers a heartbeat; the first one starts the writer, which ends when the API
     /// that owns `self` is dropped.
-    pub fn record(self: &Arc<Self>, store: &Store, agent_id: Uuid, version: Option<String>) {
-        self.lock().insert(agent_id, version);
+    pub fn record(self: &Arc<Self>, store: &Store, agent_id: Uuid, version: String) {
+        lock(&self.pending).insert(agent_id, version);
         self.flusher.get_or_init(|| {
             tokio::spawn(flush_until_dropped(Arc::downgrade(self), store.clone()));
         });
@@ -43,13 +40,13 @@ async fn flush_until_dropped(heartbeats: Weak<Heartbeats>, store: Store) {
         let Some(heartbeats) = heartbeats.upgrade() else {
             return;
         };
-        let batch: Vec<(Uuid, Option<String>)> = heartbeats.lock().drain().collect();
+        let batch: Vec<(Uuid, String)> = lock(&heartbeats.pending).drain().collect();
         if batch.is_empty() {
             continue;
         }
         if let Err(err) = store.record_heartbeats(&batch).await {
             warn!(error = %error_chain(&err), agents = batch.len(), "could not record heartbeats; retrying");
-            let mut pending = heartbeats.lock();
+            let mut pending = lock(&heartbeats.pending);
             for (agent_id, version) in batch {
                 // A newer heartbeat of the same agent wins.
                 pending.entry(agent_id).or_insert(version);

@@ -32,9 +32,9 @@ pub use auth::{AuthCache, AuthenticatedAgent};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
 
-use crate::store::{EventReport, Store, StoreError, limits};
+use crate::store::{EventReport, Store, StoreError, check_agent_version};
 use heartbeats::Heartbeats;
-use objects::{CachedObject, Missing, ObjectCache};
+use objects::{CachedObject, ObjectCache};
 use views::AgentView;
 
 /// Largest request body the API reads.
@@ -115,6 +115,14 @@ async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
+}
+
+/// Locks `mutex`, also after a panic elsewhere: the caches it guards stay consistent
+/// between statements, so a poisoned lock holds nothing half-written.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `axum::Json` whose rejections are [`ApiError`]s, so bad bodies get our JSON shape.
@@ -235,17 +243,6 @@ async fn current_view(
     Ok(view)
 }
 
-enum ObjectLoadError {
-    Missing,
-    Store(StoreError),
-}
-
-impl From<Missing> for ObjectLoadError {
-    fn from(_: Missing) -> Self {
-        ObjectLoadError::Missing
-    }
-}
-
 async fn deployment_object(
     agent: AuthenticatedAgent,
     State(state): State<ApiState>,
@@ -262,11 +259,8 @@ async fn deployment_object(
     let object = state
         .objects
         .get_or_load(id, || load_object(&state.store, id))
-        .await
-        .map_err(|err| match err {
-            ObjectLoadError::Missing => not_targeted(),
-            ObjectLoadError::Store(err) => ApiError::from(err),
-        })?;
+        .await?
+        .ok_or_else(not_targeted)?;
     let targeted = state.changes.views().holds(agent.id, object.stack_id)
         || state.store.is_targeted(agent.id, object.stack_id).await?;
     if !targeted {
@@ -275,12 +269,8 @@ async fn deployment_object(
     Ok(([(CONTENT_TYPE, "application/json")], object.body).into_response())
 }
 
-async fn load_object(store: &Store, id: Uuid) -> Result<Option<CachedObject>, ObjectLoadError> {
-    let Some(object) = store
-        .deployment_object(id)
-        .await
-        .map_err(ObjectLoadError::Store)?
-    else {
+async fn load_object(store: &Store, id: Uuid) -> Result<Option<CachedObject>, StoreError> {
+    let Some(object) = store.deployment_object(id).await? else {
         return Ok(None);
     };
     let body = serde_json::to_vec(&DeploymentObject {
@@ -332,16 +322,11 @@ async fn heartbeat(
     State(state): State<ApiState>,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    let length = beat.version.chars().count();
-    if length > limits::AGENT_VERSION {
-        return Err(ApiError::Unprocessable(format!(
-            "agent version is {length} characters long; at most {} are allowed",
-            limits::AGENT_VERSION
-        )));
-    }
+    // Checked here because the write happens later, in a batch.
+    check_agent_version(&beat.version)?;
     state
         .heartbeats
-        .record(&state.store, agent.id, Some(beat.version));
+        .record(&state.store, agent.id, beat.version);
     Ok(Json(HeartbeatAck {
         heartbeat_interval_seconds: state.config.heartbeat_interval.as_secs(),
     }))

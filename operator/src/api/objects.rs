@@ -36,9 +36,6 @@ pub struct ObjectCache {
     inner: Mutex<Objects>,
 }
 
-/// A load that found nothing: not cached, so a later request asks again.
-pub struct Missing;
-
 impl ObjectCache {
     pub fn new(max_bytes: usize) -> ObjectCache {
         ObjectCache {
@@ -48,37 +45,48 @@ impl ObjectCache {
     }
 
     fn lock(&self) -> MutexGuard<'_, Objects> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        super::lock(&self.inner)
     }
 
     /// The object `id`, from the cache or from `load` (run by one caller at a time).
-    pub async fn get_or_load<F, Fut, E>(&self, id: Uuid, load: F) -> Result<CachedObject, E>
+    /// `None` when `load` finds nothing, which is not cached: a later request asks again.
+    pub async fn get_or_load<F, Fut, E>(&self, id: Uuid, load: F) -> Result<Option<CachedObject>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<CachedObject>, E>>,
-        E: From<Missing>,
     {
+        enum Unloaded<E> {
+            Missing,
+            Failed(E),
+        }
         let cell = self.lock().cells.entry(id).or_default().clone();
         let mut loaded_here = false;
-        let result = cell
+        let loaded = cell
             .get_or_try_init(|| async {
-                let object = load().await?.ok_or(Missing)?;
-                loaded_here = true;
-                Ok::<_, E>(object)
+                let object = load().await.map_err(Unloaded::Failed)?;
+                loaded_here = object.is_some();
+                object.ok_or(Unloaded::Missing)
             })
             .await
             .cloned();
-        match &result {
-            Ok(object) if loaded_here => self.admit(id, object.body.len()),
-            Err(_) => {
+        match loaded {
+            Ok(object) => {
+                if loaded_here {
+                    self.admit(id, object.body.len());
+                }
+                Ok(Some(object))
+            }
+            Err(unloaded) => {
                 let mut objects = self.lock();
                 if objects.cells.get(&id).is_some_and(|c| !c.initialized()) {
                     objects.cells.remove(&id);
                 }
+                match unloaded {
+                    Unloaded::Missing => Ok(None),
+                    Unloaded::Failed(err) => Err(err),
+                }
             }
-            Ok(_) => {}
         }
-        result
     }
 
     fn admit(&self, id: Uuid, size: usize) {
@@ -107,14 +115,8 @@ mod tests {
 
     use super::*;
 
-    #[derive(Debug)]
-    struct NotFound;
-
-    impl From<Missing> for NotFound {
-        fn from(_: Missing) -> Self {
-            NotFound
-        }
-    }
+    #[derive(Debug, PartialEq)]
+    struct LoadFailed;
 
     fn object(size: usize) -> CachedObject {
         CachedObject {
@@ -131,10 +133,14 @@ mod tests {
         let load = || async {
             loads.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
-            Ok::<_, NotFound>(Some(object(10)))
+            Ok::<_, LoadFailed>(Some(object(10)))
         };
         let results = futures::future::join_all((0..50).map(|_| cache.get_or_load(id, load))).await;
-        assert!(results.iter().all(|r| r.as_ref().unwrap().body.len() == 10));
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().unwrap().as_ref().unwrap().body.len() == 10)
+        );
         assert_eq!(loads.load(Ordering::SeqCst), 1);
 
         let missing = Uuid::now_v7();
@@ -142,12 +148,18 @@ mod tests {
             let found = cache
                 .get_or_load(missing, || async {
                     loads.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, NotFound>(None)
+                    Ok::<_, LoadFailed>(None)
                 })
                 .await;
-            assert!(found.is_err());
+            assert!(found.unwrap().is_none());
         }
         assert_eq!(loads.load(Ordering::SeqCst), 3);
+        let failed = cache
+            .get_or_load(missing, || async {
+                Err::<Option<CachedObject>, _>(LoadFailed)
+            })
+            .await;
+        assert!(failed.is_err(), "a failed load is reported, not cached");
     }
 
     #[tokio::test]
@@ -156,7 +168,7 @@ mod tests {
         let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
         for id in &ids {
             cache
-                .get_or_load(*id, || async { Ok::<_, NotFound>(Some(object(40))) })
+                .get_or_load(*id, || async { Ok::<_, LoadFailed>(Some(object(40))) })
                 .await
                 .unwrap();
         }
@@ -164,7 +176,7 @@ mod tests {
         let loads = AtomicUsize::new(0);
         let reload = || async {
             loads.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, NotFound>(Some(object(40)))
+            Ok::<_, LoadFailed>(Some(object(40)))
         };
         cache.get_or_load(ids[4], reload).await.unwrap();
         assert_eq!(

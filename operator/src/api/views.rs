@@ -148,7 +148,7 @@ pub struct DesiredViews {
 
 impl DesiredViews {
     fn lock(&self) -> MutexGuard<'_, Views> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        super::lock(&self.inner)
     }
 
     /// Wakes when `agent_id`'s view changes or is dropped. Subscribe before reading the

@@ -146,9 +146,8 @@ impl Store {
         version: Option<&str>,
     ) -> StoreResult<agents::Model> {
         if let Some(version) = version {
-            check_len("agent version", version, limits::AGENT_VERSION)?;
+            check_agent_version(version)?;
         }
-        // One statement: at 10,000 agents this runs ~700 times a second.
         agents::Entity::update_many()
             .col_expr(agents::Column::LastHeartbeat, Expr::current_timestamp())
             .col_expr(agents::Column::Status, Expr::value("Online"))
@@ -164,42 +163,25 @@ impl Store {
             .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))
     }
 
-    /// Records heartbeats received since the last call, as of now, in one statement
-    /// per 5,000 agents (`None` clears the version, as in `heartbeat`). Deleted agents
-    /// are skipped.
-    pub async fn record_heartbeats(&self, beats: &[(Uuid, Option<String>)]) -> StoreResult<u64> {
-        let mut updated = 0;
-        for chunk in beats.chunks(5000) {
-            for (_, version) in chunk {
-                if let Some(version) = version {
-                    check_len("agent version", version, limits::AGENT_VERSION)?;
-                }
-            }
-            let rows = (0..chunk.len())
-                .map(|n| format!("(${}::uuid, ${}::varchar)", 2 * n + 1, 2 * n + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let values = chunk.iter().flat_map(|(id, version)| {
-                [
-                    sea_orm::Value::from(*id),
-                    sea_orm::Value::from(version.clone()),
-                ]
-            });
-            let result = self
-                .db
-                .execute_raw(super::statement(
-                    &format!(
-                        "UPDATE agents a SET last_heartbeat = now(), status = 'Online', \
-                         agent_version = v.version \
-                         FROM (VALUES {rows}) AS v(id, version) \
-                         WHERE a.id = v.id AND a.deleted_at IS NULL"
-                    ),
-                    values,
-                ))
-                .await?;
-            updated += result.rows_affected();
+    /// Records the heartbeats of many agents, as of now, in one statement. Deleted
+    /// agents are skipped.
+    pub async fn record_heartbeats(&self, beats: &[(Uuid, String)]) -> StoreResult<u64> {
+        let mut rows = Vec::with_capacity(beats.len());
+        for (agent_id, version) in beats {
+            check_agent_version(version)?;
+            rows.push(serde_json::json!({"id": agent_id, "version": version}));
         }
-        Ok(updated)
+        let result = self
+            .db
+            .execute_raw(super::statement(
+                "UPDATE agents a SET last_heartbeat = now(), status = 'Online', \
+                 agent_version = v.version \
+                 FROM jsonb_to_recordset($1::jsonb) AS v(id uuid, version varchar) \
+                 WHERE a.id = v.id AND a.deleted_at IS NULL",
+                [serde_json::Value::Array(rows).into()],
+            ))
+            .await?;
+        Ok(result.rows_affected())
     }
 
     /// Sets an agent's `status` column (`Online`, `Offline`, ...).
@@ -256,6 +238,11 @@ impl Store {
         txn.commit().await?;
         Ok(deleted.rows_affected > 0)
     }
+}
+
+/// Refuses a version longer than the `agent_version` column.
+pub fn check_agent_version(version: &str) -> StoreResult<()> {
+    check_len("agent version", version, limits::AGENT_VERSION)
 }
 
 async fn upsert_agent(

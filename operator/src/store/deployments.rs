@@ -106,40 +106,27 @@ FROM stacks s
 LEFT JOIN "#,
     latest_live_object_of_s!(),
     r#" ON TRUE
-WHERE s.id IN ({ids})
+WHERE s.id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
 "#
 );
 
-const STACK_TARGETS: &str =
-    "SELECT stack_id, agent_id FROM agent_targets WHERE stack_id IN ({ids})";
-
-/// Most stacks one heads query asks about (PostgreSQL binds at most 65,535 values).
-const HEADS_PER_QUERY: usize = 1000;
+const STACK_TARGETS: &str = "SELECT stack_id, agent_id FROM agent_targets \
+     WHERE stack_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)";
 
 impl Store {
     /// The heads of `stack_ids` and their targets. Stacks that no longer exist come
     /// back without a head or agents.
     pub async fn stack_heads(&self, stack_ids: &[Uuid]) -> StoreResult<Vec<StackHead>> {
-        let mut heads: HashMap<Uuid, StackHead> = HashMap::with_capacity(stack_ids.len());
-        for chunk in stack_ids.chunks(HEADS_PER_QUERY) {
-            let placeholders = (1..=chunk.len())
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let values = || chunk.iter().map(|id| sea_orm::Value::from(*id));
-            let rows = HeadRow::find_by_statement(statement(
-                &STACK_HEADS.replace("{ids}", &placeholders),
-                values(),
-            ))
+        let ids = || [sea_orm::Value::from(serde_json::json!(stack_ids))];
+        let rows = HeadRow::find_by_statement(statement(STACK_HEADS, ids()))
             .all(&self.db)
             .await?;
-            let targets = TargetRow::find_by_statement(statement(
-                &STACK_TARGETS.replace("{ids}", &placeholders),
-                values(),
-            ))
+        let targets = TargetRow::find_by_statement(statement(STACK_TARGETS, ids()))
             .all(&self.db)
             .await?;
-            for row in rows {
+        let mut heads: HashMap<Uuid, StackHead> = rows
+            .into_iter()
+            .map(|row| {
                 let head = match (
                     row.deployment_object_id,
                     row.sequence_id,
@@ -156,21 +143,19 @@ impl Store {
                     }
                     _ => None,
                 };
-                heads.insert(
-                    row.stack_id,
-                    StackHead {
-                        stack_id: row.stack_id,
-                        stack_name: row.stack_name,
-                        stack_deleted: row.stack_deleted,
-                        head,
-                        agents: HashSet::new(),
-                    },
-                );
-            }
-            for target in targets {
-                if let Some(head) = heads.get_mut(&target.stack_id) {
-                    head.agents.insert(target.agent_id);
-                }
+                let stack = StackHead {
+                    stack_id: row.stack_id,
+                    stack_name: row.stack_name,
+                    stack_deleted: row.stack_deleted,
+                    head,
+                    agents: HashSet::new(),
+                };
+                (row.stack_id, stack)
+            })
+            .collect();
+        for target in targets {
+            if let Some(head) = heads.get_mut(&target.stack_id) {
+                head.agents.insert(target.agent_id);
             }
         }
         Ok(stack_ids

@@ -15,7 +15,7 @@ mod stacks;
 
 use sea_orm::{DatabaseConnection, DbBackend, Statement, Value};
 
-pub use agents::{AgentKey, AgentSync};
+pub use agents::{AgentKey, AgentSync, check_agent_version};
 pub use deployments::{DesiredEntry, DesiredState, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
 pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
