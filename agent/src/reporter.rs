@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use brokkr_crds::wire::{
     AgentEvent, EventBatch, EventStatus, EventType, MAX_EVENT_MESSAGE_CHARS, MAX_EVENTS_PER_BATCH,
+    storable,
 };
 use reqwest::StatusCode;
 use tokio::sync::Notify;
@@ -57,7 +58,9 @@ impl Reporter {
             deployment_object_id,
             event_type,
             status,
-            message: message.map(|m| truncate(&m, MAX_EVENT_MESSAGE_CHARS)),
+            // Messages quote spoke objects' conditions, which a spoke user can fill
+            // with NULs that the hub cannot store.
+            message: message.map(|m| truncate(&storable(&m), MAX_EVENT_MESSAGE_CHARS)),
         };
         let id = event.id;
         {

@@ -207,6 +207,53 @@ pub struct HeartbeatAck {
     pub heartbeat_interval_seconds: u64,
 }
 
+/// A string from the network that PostgreSQL cannot store (a `text` value, and a
+/// `jsonb` string, may not hold NUL), named by its field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} contains a NUL character (\\u0000), which cannot be stored")]
+pub struct UnstorableText {
+    pub field: String,
+}
+
+/// Refuses text the database cannot hold. JSON with invalid Unicode (a lone surrogate)
+/// never gets this far: the JSON parser refuses it.
+pub fn check_storable(field: impl FnOnce() -> String, value: &str) -> Result<(), UnstorableText> {
+    if value.contains('\0') {
+        return Err(UnstorableText { field: field() });
+    }
+    Ok(())
+}
+
+/// `text` with every NUL replaced by U+FFFD, for messages an agent copies from spoke
+/// objects, which anyone with write access to the spoke can fill.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
+impl Heartbeat {
+    /// Refuses strings the hub could not store, naming the first such field.
+    pub fn validate(&self) -> Result<(), UnstorableText> {
+        check_storable(|| "version".to_owned(), &self.version)?;
+        check_storable(|| "state".to_owned(), &self.state)
+    }
+}
+
+impl EventBatch {
+    /// Refuses strings the hub could not store, naming the first such field.
+    pub fn validate(&self) -> Result<(), UnstorableText> {
+        for (index, event) in self.events.iter().enumerate() {
+            if let Some(message) = &event.message {
+                check_storable(|| format!("events[{index}].message"), message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiError {
@@ -251,6 +298,47 @@ mod tests {
             assert_eq!(parse_health_message(&health_message(health, "")), health);
         }
         assert_eq!(parse_health_message("gibberish"), Health::Unknown);
+    }
+
+    #[test]
+    fn nul_characters_are_refused_by_field_and_replaced_in_copied_messages() {
+        let beat = Heartbeat {
+            version: "1.0\0".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            beat.validate().unwrap_err().to_string(),
+            "version contains a NUL character (\\u0000), which cannot be stored"
+        );
+        let event = |message: &str| AgentEvent {
+            id: Uuid::nil(),
+            deployment_object_id: Uuid::nil(),
+            event_type: EventType::Health,
+            status: EventStatus::Success,
+            message: Some(message.to_owned()),
+        };
+        let batch = EventBatch {
+            events: vec![event("fine"), event("bad\0one")],
+        };
+        assert_eq!(batch.validate().unwrap_err().field, "events[1].message");
+        assert_eq!(storable("a\0b"), "a\u{FFFD}b");
+        assert!(matches!(
+            storable("clean"),
+            std::borrow::Cow::Borrowed("clean")
+        ));
+        assert!(
+            EventBatch {
+                events: vec![event(&storable("bad\0one"))]
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn invalid_unicode_in_json_is_refused_by_the_parser() {
+        let body = r#"{"version":"\ud800","state":"Ready"}"#;
+        assert!(serde_json::from_str::<Heartbeat>(body).is_err());
     }
 
     #[test]

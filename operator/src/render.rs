@@ -5,14 +5,24 @@
 //! documents, so the same objects always give the same SHA-256 checksum however the
 //! user spelled them.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
+use std::fmt;
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
 /// Largest rendered content a Stack may carry (larger bundles are a later feature).
 pub const MAX_CONTENT_BYTES: usize = 1024 * 1024;
+
+/// Most values (scalars, lists and mappings, counting map keys) a Stack's manifests may
+/// expand to once YAML aliases are resolved. 1 MiB of rendered YAML cannot hold more
+/// than about 420,000, so real content never meets it, while an alias bomb of 100 KB
+/// that would expand to 10^8 values is stopped before it is built.
+pub const MAX_MANIFEST_NODES: usize = 500_000;
+/// Deepest nesting of lists and mappings in one document (deep CRD schemas use ~40).
+pub const MAX_MANIFEST_DEPTH: usize = 100;
 
 /// A Stack's content, ready to be recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +61,14 @@ pub enum RenderError {
         "the Stack's content is {size} bytes; at most {MAX_CONTENT_BYTES} bytes (1 MiB) are supported"
     )]
     TooLarge { size: usize },
+    #[error(
+        "document {document}: the manifests expand to more than {MAX_MANIFEST_NODES} values once YAML aliases are resolved"
+    )]
+    TooManyNodes { document: usize },
+    #[error(
+        "document {document}: lists and mappings are nested deeper than {MAX_MANIFEST_DEPTH} levels"
+    )]
+    TooDeep { document: usize },
 }
 
 /// Renders a list of embedded objects (`spec.resources`).
@@ -71,16 +89,157 @@ pub fn render_manifests(manifests: &str) -> Result<Rendered, RenderError> {
             size: manifests.len(),
         });
     }
+    // One budget for all documents: the size check between documents bounds the rest.
+    let budget = Budget {
+        nodes_left: Cell::new(MAX_MANIFEST_NODES),
+        exceeded: Cell::new(None),
+    };
     let documents = serde_yaml::Deserializer::from_str(manifests)
         .enumerate()
         .map(|(i, document)| {
-            let parsed = Value::deserialize(document).map_err(|err| RenderError::InvalidYaml {
-                document: i + 1,
-                reason: err.to_string(),
+            let parsed = BoundedValue {
+                budget: &budget,
+                depth: 0,
+            }
+            .deserialize(document)
+            .map_err(|err| match budget.exceeded.take() {
+                Some(Limit::Nodes) => RenderError::TooManyNodes { document: i + 1 },
+                Some(Limit::Depth) => RenderError::TooDeep { document: i + 1 },
+                None => RenderError::InvalidYaml {
+                    document: i + 1,
+                    reason: err.to_string(),
+                },
             });
             (i + 1, parsed)
         });
     render_documents(documents)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    Nodes,
+    Depth,
+}
+
+/// What is left of the values a Stack's manifests may expand to, and which limit, if
+/// any, stopped the parse (the YAML parser wraps our error in its own).
+struct Budget {
+    nodes_left: Cell<usize>,
+    exceeded: Cell<Option<Limit>>,
+}
+
+impl Budget {
+    fn take_node<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.nodes_left.get().checked_sub(1) {
+            Some(left) => {
+                self.nodes_left.set(left);
+                Ok(())
+            }
+            None => {
+                self.exceeded.set(Some(Limit::Nodes));
+                Err(E::custom("too many values"))
+            }
+        }
+    }
+}
+
+/// Deserializes a [`Value`] as `Value::deserialize` does, but counting every value
+/// against the budget as it is built, so aliases cannot expand past it.
+struct BoundedValue<'a> {
+    budget: &'a Budget,
+    depth: usize,
+}
+
+impl BoundedValue<'_> {
+    fn nested<E: serde::de::Error>(&self) -> Result<BoundedValue<'_>, E> {
+        if self.depth >= MAX_MANIFEST_DEPTH {
+            self.budget.exceeded.set(Some(Limit::Depth));
+            return Err(E::custom("nested too deeply"));
+        }
+        Ok(BoundedValue {
+            budget: self.budget,
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.budget.take_node()?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.budget.take_node()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self.nested()?)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.budget.take_node()?;
+        let mut entries = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            self.budget.take_node()?;
+            let value = map.next_value_seed(self.nested()?)?;
+            entries.insert(key, value);
+        }
+        Ok(Value::Object(entries))
+    }
 }
 
 fn render_documents(
@@ -192,6 +351,8 @@ fn canonical(value: Value) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
 
     const APP: &str = r#"
@@ -332,6 +493,61 @@ apiVersion: v1
             RenderError::Empty
         );
         assert_eq!(render_resources(&[]).unwrap_err(), RenderError::Empty);
+    }
+
+    /// About 100 KB: one anchor of 20,000 items referenced 20,000 times would expand
+    /// to 4×10⁸ values.
+    fn alias_bomb() -> String {
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bomb\ndata:\n  items: &a [",
+        );
+        yaml.push_str(&vec!["x"; 20_000].join(","));
+        yaml.push_str("]\n  copies: [");
+        yaml.push_str(&vec!["*a"; 20_000].join(","));
+        yaml.push_str("]\n");
+        yaml
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_before_it_expands() {
+        let bomb = alias_bomb();
+        assert!(bomb.len() < 120_000, "{}", bomb.len());
+        let err = render_manifests(&bomb).unwrap_err();
+        assert_eq!(err, RenderError::TooManyNodes { document: 1 });
+        assert!(
+            err.to_string()
+                .contains("expand to more than 500000 values once YAML aliases are resolved"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn aliases_within_the_budget_still_work() {
+        let yaml = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  labels: &l {app: web}\n  annotations: *l\n";
+        let rendered = render_manifests(yaml).unwrap();
+        assert!(
+            rendered.yaml.contains("annotations:\n    app: web"),
+            "{}",
+            rendered.yaml
+        );
+    }
+
+    #[test]
+    fn nesting_past_the_depth_limit_is_refused() {
+        let deep = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: deep\nx: {}{}\n",
+            "[".repeat(MAX_MANIFEST_DEPTH + 1),
+            "]".repeat(MAX_MANIFEST_DEPTH + 1)
+        );
+        let err = render_manifests(&deep).unwrap_err();
+        assert_eq!(err, RenderError::TooDeep { document: 1 });
+        assert!(err.to_string().contains("deeper than 100 levels"));
+        let fine = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: deep\nx: {}{}\n",
+            "[".repeat(90),
+            "]".repeat(90)
+        );
+        assert!(render_manifests(&fine).is_ok());
     }
 
     #[test]

@@ -655,6 +655,97 @@ async fn heartbeats_mark_the_agent_online() {
 }
 
 #[tokio::test]
+async fn nul_characters_and_invalid_unicode_are_refused_naming_the_field_and_others_still_beat() {
+    let f = Fixture::new().await;
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/heartbeat",
+            json!({"version": "0.1.0\u{0}", "state": "Ready", "stacks": []}),
+        ))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("version contains a NUL"),
+        "{body}"
+    );
+
+    // A lone surrogate is not Unicode: refused by the JSON parser, never stored.
+    let request = Request::post("/api/v1/agent/heartbeat")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"version":"\ud800","state":"Ready"}"#))
+        .unwrap();
+    let (status, body) = f.call(request).await;
+    assert!(status.is_client_error(), "{status} {body}");
+
+    // An event whose message holds a NUL (health messages quote spoke objects) is a
+    // 422 naming it, not a 503 the agent would retry forever.
+    let event = |id: Uuid, message: &str| {
+        json!({"id": id, "deploymentObjectId": f.object, "type": "Health",
+               "status": "Success", "message": message})
+    };
+    let (good, bad) = (Uuid::now_v7(), Uuid::now_v7());
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/events",
+            json!({"events": [event(good, "healthy"), event(bad, "degraded: \u{0}boom")]}),
+        ))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("events[1].message"),
+        "{body}"
+    );
+    // The good event alone goes through (the agent narrows a refused batch down).
+    let (status, body) = f
+        .call(f.post(
+            "/api/v1/agent/events",
+            json!({"events": [event(good, "healthy")]}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 1);
+
+    // Another agent's heartbeats are still written after the refused ones.
+    let (other, other_key) = agent_with_key(&f.store, "edge-2").await;
+    let request = Request::post("/api/v1/agent/heartbeat")
+        .header(header::AUTHORIZATION, format!("Bearer {other_key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"version": "0.2.0", "state": "Ready"}).to_string(),
+        ))
+        .unwrap();
+    let (status, body) = f.call(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let row = f.store.find_agent(other).await.unwrap().unwrap();
+        if row.status == "Online" {
+            assert_eq!(row.agent_version.as_deref(), Some("0.2.0"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", row.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn unknown_paths_and_methods_answer_json() {
     let f = Fixture::new().await;
     let (status, body) = f.call(f.get("/api/v1/agent/nothing-here")).await;

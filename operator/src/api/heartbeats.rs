@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tracing::warn;
 use uuid::Uuid;
 
@@ -21,6 +22,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct Heartbeats {
     pending: Mutex<HashMap<Uuid, String>>,
     flusher: OnceLock<()>,
+    /// Heartbeats PostgreSQL refused, dropped rather than retried forever.
+    pub dropped: Counter,
 }
 
 impl Heartbeats {
@@ -32,6 +35,14 @@ impl Heartbeats {
             tokio::spawn(flush_until_dropped(Arc::downgrade(self), store.clone()));
         });
     }
+
+    /// Puts back heartbeats that could not be written; a newer one of the same agent wins.
+    fn requeue(&self, beats: Vec<(Uuid, String)>) {
+        let mut pending = lock(&self.pending);
+        for (agent_id, version) in beats {
+            pending.entry(agent_id).or_insert(version);
+        }
+    }
 }
 
 async fn flush_until_dropped(heartbeats: Weak<Heartbeats>, store: Store) {
@@ -41,15 +52,89 @@ async fn flush_until_dropped(heartbeats: Weak<Heartbeats>, store: Store) {
             return;
         };
         let batch: Vec<(Uuid, String)> = lock(&heartbeats.pending).drain().collect();
-        if batch.is_empty() {
+        if !batch.is_empty() {
+            flush(&heartbeats, &store, batch).await;
+        }
+    }
+}
+
+/// Writes a batch. When PostgreSQL refuses it, the rows that poison it are found by
+/// halving (a few statements, not one per agent) and dropped, so one agent can never
+/// stop every other agent's heartbeats; when the database is unreachable, everything
+/// is kept for the next flush.
+async fn flush(heartbeats: &Heartbeats, store: &Store, batch: Vec<(Uuid, String)>) {
+    let mut parts = vec![batch];
+    while let Some(part) = parts.pop() {
+        let Err(err) = store.record_heartbeats(&part).await else {
+            continue;
+        };
+        if !err.is_refused_data() {
+            warn!(error = %error_chain(&err), agents = part.len(), "could not record heartbeats; retrying");
+            heartbeats.requeue(part);
+            for rest in parts.drain(..) {
+                heartbeats.requeue(rest);
+            }
+            return;
+        }
+        if part.len() == 1 {
+            warn!(error = %error_chain(&err), agent_id = %part[0].0, "PostgreSQL refused a heartbeat; dropping it");
+            heartbeats.dropped.inc();
             continue;
         }
-        if let Err(err) = store.record_heartbeats(&batch).await {
-            warn!(error = %error_chain(&err), agents = batch.len(), "could not record heartbeats; retrying");
-            let mut pending = lock(&heartbeats.pending);
-            for (agent_id, version) in batch {
-                // A newer heartbeat of the same agent wins.
-                pending.entry(agent_id).or_insert(version);
+        let mut first = part;
+        let second = first.split_off(first.len() / 2);
+        parts.push(first);
+        parts.push(second);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use brokkr_testdb::TestDb;
+
+    use super::*;
+    use crate::store::AgentSync;
+
+    #[tokio::test]
+    async fn a_heartbeat_postgresql_refuses_is_dropped_and_the_rest_are_written() {
+        let db = TestDb::new().await;
+        let store = Store::new(db.conn().clone());
+        let mut batch = Vec::new();
+        let mut ids = Vec::new();
+        for n in 0..9 {
+            let agent = store
+                .sync_agent(&AgentSync {
+                    resource_uid: Uuid::new_v4(),
+                    name: &format!("edge-{n}"),
+                    cluster_name: "edge",
+                    is_suspended: false,
+                    labels: &[],
+                    annotations: &BTreeMap::new(),
+                })
+                .await
+                .unwrap();
+            batch.push((agent.id, format!("1.{n}.0")));
+            ids.push(agent.id);
+        }
+        // The API refuses this; PostgreSQL refuses it too (a NUL in jsonb), which
+        // used to fail every batch it was part of, every second, for good.
+        let poisoned = batch[4].0;
+        batch[4].1 = "1.4.0\0".to_owned();
+        let heartbeats = Heartbeats::default();
+
+        flush(&heartbeats, &store, batch).await;
+
+        assert_eq!(heartbeats.dropped.get(), 1);
+        assert!(lock(&heartbeats.pending).is_empty());
+        for (n, id) in ids.into_iter().enumerate() {
+            let row = store.find_agent(id).await.unwrap().unwrap();
+            if row.id == poisoned {
+                assert!(row.last_heartbeat.is_none());
+            } else {
+                assert_eq!(row.status, "Online");
+                assert_eq!(row.agent_version.as_deref(), Some(&*format!("1.{n}.0")));
             }
         }
     }

@@ -299,6 +299,9 @@ async fn events(
             batch.events.len()
         )));
     }
+    batch
+        .validate()
+        .map_err(|err| ApiError::Unprocessable(err.to_string()))?;
     let reports: Vec<EventReport> = batch.events.iter().map(report).collect();
     let recorded = state.store.record_agent_events(agent.id, &reports).await?;
     Ok(Json(EventBatchResult {
@@ -322,7 +325,10 @@ async fn heartbeat(
     State(state): State<ApiState>,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    // Checked here because the write happens later, in a batch.
+    // Checked here because the write happens later, in a batch that one bad row
+    // must not fail.
+    beat.validate()
+        .map_err(|err| ApiError::Unprocessable(err.to_string()))?;
     check_agent_version(&beat.version)?;
     state
         .heartbeats

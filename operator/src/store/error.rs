@@ -35,6 +35,19 @@ impl StoreError {
     pub fn not_found(what: impl Into<String>) -> StoreError {
         StoreError::NotFound { what: what.into() }
     }
+
+    /// Whether PostgreSQL (or our own check) refused the data itself, so the same
+    /// write can never succeed; otherwise the database may just be unreachable.
+    pub fn is_refused_data(&self) -> bool {
+        match self {
+            StoreError::Database(err) => database_error(err).is_some(),
+            StoreError::Conflict { .. }
+            | StoreError::MissingReference { .. }
+            | StoreError::Immutable { .. }
+            | StoreError::TooLong { .. } => true,
+            StoreError::NotFound { .. } | StoreError::NotTargeted { .. } => false,
+        }
+    }
 }
 
 impl From<DbErr> for StoreError {
