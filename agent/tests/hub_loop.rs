@@ -20,8 +20,9 @@ async fn long_polls_from_its_cursor_and_fetches_only_changed_deployment_objects(
     let hub = FakeHub::start().await;
     let ns = cluster.namespace.clone();
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let a1 = hub.publish(a, &config_map_yaml("a", &ns, "1"));
-    let b1 = hub.publish(b, &config_map_yaml("b", &ns, "1"));
+    // ConfigMap data holds strings: a bare `1` would be a number, which a real server refuses.
+    let a1 = hub.publish(a, &config_map_yaml("a", &ns, "one"));
+    let b1 = hub.publish(b, &config_map_yaml("b", &ns, "one"));
     let agent = start_agent(config(&hub), cluster.client.clone()).await;
     hub.wait_for_event(a1, EventType::Apply, EventStatus::Success)
         .await;
@@ -29,7 +30,7 @@ async fn long_polls_from_its_cursor_and_fetches_only_changed_deployment_objects(
         .await;
 
     let before = hub.cursor();
-    let a2 = hub.publish(a, &config_map_yaml("a", &ns, "2"));
+    let a2 = hub.publish(a, &config_map_yaml("a", &ns, "two"));
     hub.wait_for_event(a2, EventType::Apply, EventStatus::Success)
         .await;
     // Idle for a while: the agent waits on the hub rather than asking again and again.

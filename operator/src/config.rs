@@ -54,6 +54,38 @@ pub struct RunArgs {
     #[arg(long, env = "BROKKR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// Time a client has to send a request's headers (and to finish a TLS handshake) on
+    /// the agent API; slower connections are closed
+    #[arg(long, env = "BROKKR_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_header_read_timeout: Duration,
+
+    /// Time an agent API connection may stay open between requests; a request in flight
+    /// (a long-poll) is never cut by it
+    #[arg(long, env = "BROKKR_API_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub api_idle_timeout: Duration,
+
+    /// Agent API connections served at once; more wait in the listen backlog (~30 KiB each)
+    #[arg(long, env = "BROKKR_API_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub api_max_connections: usize,
+
+    /// Requests per second one agent key may make on average; more get 429 with
+    /// Retry-After (0: no limit)
+    #[arg(long, env = "BROKKR_API_KEY_RATE", default_value_t = crate::api::DEFAULT_KEY_RATE.per_second)]
+    pub api_key_rate: f64,
+
+    /// Requests one agent key may make in a burst above --api-key-rate
+    #[arg(long, env = "BROKKR_API_KEY_BURST", default_value_t = crate::api::DEFAULT_KEY_RATE.burst)]
+    pub api_key_burst: u32,
+
+    /// Lookups per second of agent keys the hub does not know; beyond, requests with keys
+    /// not yet cached get 429 without a database query (0: no limit)
+    #[arg(long, env = "BROKKR_API_UNKNOWN_KEY_RATE", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.per_second)]
+    pub api_unknown_key_rate: f64,
+
+    /// Lookups of unknown agent keys allowed in a burst above --api-unknown-key-rate
+    #[arg(long, env = "BROKKR_API_UNKNOWN_KEY_BURST", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.burst)]
+    pub api_unknown_key_burst: u32,
+
     /// Interval at which agents send heartbeats; three missed ones mark an agent Offline
     #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,

@@ -23,6 +23,7 @@ pub struct Metrics {
     reconcile_failures: Family<ControllerLabels, Counter>,
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     pub leader: Gauge,
+    pub api: ApiMetrics,
 }
 
 impl Default for Metrics {
@@ -50,12 +51,14 @@ impl Default for Metrics {
             "1 while this replica holds the controllers' leader lease",
             leader.clone(),
         );
+        let api = ApiMetrics::register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             reconciles,
             reconcile_failures,
             reconcile_seconds,
             leader,
+            api,
         }
     }
 }
@@ -97,5 +100,88 @@ impl ReconcileTimer {
             .reconcile_seconds
             .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// The agent API's serving limits: connections, timeouts, rate limits and key lookups.
+#[derive(Clone, Default)]
+pub struct ApiMetrics {
+    /// Open connections of the agent API.
+    pub connections: Gauge,
+    /// Times the connection cap was reached, so new connections waited in the backlog.
+    pub connection_cap_reached: Counter,
+    /// Connections closed by the server: `header_timeout`, `idle_timeout`, `tls_handshake`.
+    pub connections_closed: Family<ReasonLabels, Counter>,
+    /// Requests answered 429: `key_rate` (one agent key over its rate), `unknown_keys`
+    /// (too many lookups of unknown keys).
+    pub requests_limited: Family<ReasonLabels, Counter>,
+    /// Database lookups of key prefixes that were not cached: `found`, `unknown`.
+    pub key_lookups: Family<ResultLabels, Counter>,
+    /// Requests refused 401 from the cache of unknown key prefixes, without a query.
+    pub unknown_keys_cached: Counter,
+}
+
+impl ApiMetrics {
+    fn register(registry: &mut Registry) -> ApiMetrics {
+        let metrics = ApiMetrics::default();
+        registry.register(
+            "api_connections",
+            "Open connections of the agent API",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "api_connection_cap_reached",
+            "Times the agent API's connection cap was reached (new connections wait)",
+            metrics.connection_cap_reached.clone(),
+        );
+        registry.register(
+            "api_connections_closed",
+            "Agent API connections closed by the hub, by reason",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "api_requests_limited",
+            "Agent API requests answered 429, by reason",
+            metrics.requests_limited.clone(),
+        );
+        registry.register(
+            "api_key_lookups",
+            "Database lookups of agent key prefixes that were not cached, by result",
+            metrics.key_lookups.clone(),
+        );
+        registry.register(
+            "api_unknown_keys_cached",
+            "Agent API requests refused as unknown keys from the cache, without a query",
+            metrics.unknown_keys_cached.clone(),
+        );
+        metrics
+    }
+
+    pub fn requests_limited_because(&self, reason: &'static str) {
+        self.requests_limited
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn connection_closed_because(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn key_looked_up(&self, result: &'static str) {
+        self.key_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 }

@@ -17,6 +17,7 @@ mod selectors;
 mod status;
 mod store;
 pub mod testing;
+mod typed;
 mod watch;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -201,7 +202,7 @@ mod tests {
         assert_eq!(code(&sim, "POST", cms, json, "[1, 2]").await, 400);
         assert_eq!(
             code(&sim, "POST", cms, json, r#"{"metadata": "x"}"#).await,
-            422
+            400
         );
         assert_eq!(
             code(&sim, "POST", cms, json, r#"{"metadata": {"name": "a"}}"#).await,

@@ -60,6 +60,11 @@ impl ApiError {
         Self::new(400, "BadRequest", message)
     }
 
+    /// What the API server makes of an error that is not a `Status`: 500 with no reason.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "", message)
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }
@@ -191,6 +196,12 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
+        if self.reason.is_empty() {
+            // `reason` is omitted when empty, as Go's `omitempty` does.
+            if let Some(fields) = status.as_object_mut() {
+                fields.remove("reason");
+            }
+        }
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }

@@ -14,6 +14,7 @@ use crate::resources::{self, CRD_GROUP, CRD_PLURAL, ResourceType};
 use crate::schema;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, Cause, ResourceRef};
+use crate::typed;
 
 /// The manager recorded for what the simulated control plane itself writes.
 const CONTROL_PLANE: &str = "kube-controller-manager";
@@ -497,6 +498,9 @@ impl State {
         manager: &str,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
+        if let Some(error) = typed::check(&target.rt, &body).first() {
+            return Err(typed::decode_error(&target.rt, &target.version, error));
+        }
         self.write(
             target,
             None,
@@ -517,6 +521,9 @@ impl State {
         subresource: &str,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
+        if let Some(error) = typed::check(&target.rt, &body).first() {
+            return Err(typed::decode_error(&target.rt, &target.version, error));
+        }
         let current = self.get(target, name)?;
         check_body_identity(target, name, &body)?;
         let requested_rv = meta_str(&body, "resourceVersion").unwrap_or_default();
@@ -625,6 +632,9 @@ impl State {
                 "the patched document is not an object",
             ));
         }
+        if let Some(error) = typed::check(&target.rt, &patched).first() {
+            return Err(typed::patch_error(&patched, error));
+        }
         check_body_identity(target, name, &patched)?;
         if meta_str(&patched, "resourceVersion") != meta_str(&current, "resourceVersion") {
             return Err(ApiError::stale(target.rt.reference(), name));
@@ -673,6 +683,17 @@ impl State {
                     )));
                 }
             }
+        }
+        let type_errors = typed::check(&target.rt, &config);
+        if !type_errors.is_empty() {
+            let namespace = target.namespace.as_deref().unwrap_or_default();
+            return Err(typed::apply_error(
+                &target.rt,
+                &target.version,
+                namespace,
+                name,
+                &type_errors,
+            ));
         }
         check_body_identity(target, name, &config)?;
         if meta_str(&config, "name").is_none() {
