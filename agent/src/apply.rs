@@ -1,54 +1,27 @@
-//! Everything that talks to the spoke cluster's API server: discovery (apiVersion + kind →
-//! resource and scope, cached), server-side apply in phases with the wait for CRDs to be
-//! Established, pruning and deletion by label, and reads for health.
+//! Everything that talks to the spoke cluster's API server about the objects of stacks:
+//! discovery (apiVersion + kind → resource and scope, cached), server-side apply of one
+//! object, the wait for CRDs to be Established, deletion with a uid precondition, and reads.
+//! What to apply or delete, and in which order, is decided by the agent's sync and removal.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use brokkr_crds::AGENT_FIELD_MANAGER;
-use futures::future::join_all;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, Preconditions, PropagationPolicy,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+    Preconditions, PropagationPolicy,
 };
 use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
-use crate::manifest::{self, DEFAULT_NAMESPACE, Manifest, ObjectKey, Ownership, Phase};
-
-/// Kinds whose objects are looked for by label when pruning, besides the kinds the agent has
-/// applied in this process and those of the current deployment object, so that an agent that
-/// restarted still finds objects dropped from a stack while it was down. Kinds the cluster
-/// does not serve are skipped.
-pub const WELL_KNOWN_KINDS: [(&str, &str, &str); 20] = [
-    ("", "v1", "Namespace"),
-    ("", "v1", "ConfigMap"),
-    ("", "v1", "Secret"),
-    ("", "v1", "Service"),
-    ("", "v1", "ServiceAccount"),
-    ("", "v1", "PersistentVolumeClaim"),
-    ("apps", "v1", "Deployment"),
-    ("apps", "v1", "StatefulSet"),
-    ("apps", "v1", "DaemonSet"),
-    ("batch", "v1", "Job"),
-    ("batch", "v1", "CronJob"),
-    ("networking.k8s.io", "v1", "Ingress"),
-    ("networking.k8s.io", "v1", "NetworkPolicy"),
-    ("rbac.authorization.k8s.io", "v1", "Role"),
-    ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
-    ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
-    ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
-    ("policy", "v1", "PodDisruptionBudget"),
-    ("autoscaling", "v2", "HorizontalPodAutoscaler"),
-    (manifest::CRD_GROUP, "v1", manifest::CRD_KIND),
-];
+use crate::manifest::{self, DEFAULT_NAMESPACE, Manifest, ObjectKey, Ownership};
 
 /// How often, and how far apart, discovery is retried for a kind whose CRD was applied in the
 /// same round (API servers publish discovery a moment after a CRD is Established).
-const FRESH_KIND_ATTEMPTS: u32 = 8;
+pub const FRESH_KIND_ATTEMPTS: u32 = 8;
 const FRESH_KIND_PAUSE: Duration = Duration::from_millis(250);
 const ESTABLISHED_POLL: Duration = Duration::from_millis(200);
 
@@ -107,26 +80,6 @@ impl ObjectFailure {
 pub struct AppliedObject {
     pub resource: Resolved,
     pub desired: Value,
-}
-
-/// The result of applying one deployment object.
-#[derive(Debug, Default)]
-pub struct ApplyOutcome {
-    pub applied: BTreeMap<ObjectKey, AppliedObject>,
-    pub failures: Vec<ObjectFailure>,
-    /// Every manifest whose kind resolved, applied or not: what pruning keeps.
-    pub desired: BTreeSet<ObjectKey>,
-    /// Kinds of manifests that did not resolve: pruning leaves those kinds alone this round.
-    pub unresolved: BTreeSet<KindKey>,
-    /// The kinds of this deployment object.
-    pub kinds: BTreeMap<KindKey, Resolved>,
-}
-
-/// The result of pruning or deleting.
-#[derive(Debug, Default)]
-pub struct DeleteOutcome {
-    pub deleted: Vec<ObjectKey>,
-    pub failures: Vec<ObjectFailure>,
 }
 
 /// The spoke-cluster side of the agent.
@@ -229,142 +182,58 @@ impl Applier {
         self.cache().remove(gvk);
     }
 
-    /// Resolves a kind for listing: cached answers, including "not served", are reused until
-    /// [`Applier::clear_discovery`].
-    async fn resolve_known(&self, gvk: &GroupVersionKind) -> Option<Resolved> {
-        if let Some(cached) = self.cache().get(gvk) {
-            return cached.clone();
+    /// Resolves a kind for reading or deleting: `None` when the cluster does not serve it
+    /// (its objects cannot exist).
+    pub async fn lookup(&self, gvk: &GroupVersionKind) -> Result<Option<Resolved>, String> {
+        if let Some(Some(resolved)) = self.cache().get(gvk) {
+            return Ok(Some(resolved.clone()));
         }
-        match self.discover(gvk).await {
-            Ok(Some(resolved)) => Some(resolved),
-            Ok(None) => {
-                self.cache().insert(gvk.clone(), None);
-                None
-            }
-            Err(message) => {
-                tracing::debug!(%message, "skipping a well-known kind");
-                None
-            }
-        }
+        self.discover(gvk).await
     }
 
-    /// The well-known kinds the cluster serves, plus `extra`.
-    pub async fn listable_kinds(
-        &self,
-        extra: impl IntoIterator<Item = Resolved>,
-    ) -> BTreeMap<KindKey, Resolved> {
-        let mut kinds = BTreeMap::new();
-        for (group, version, kind) in WELL_KNOWN_KINDS {
-            if let Some(resolved) = self
-                .resolve_known(&GroupVersionKind::gvk(group, version, kind))
-                .await
-            {
-                kinds.insert(resolved.kind_key(), resolved);
-            }
-        }
-        for resolved in extra {
-            kinds.insert(resolved.kind_key(), resolved);
-        }
-        kinds
-    }
-
-    /// Applies a deployment object: Namespaces, then CRDs (waiting until they are
-    /// Established), then everything else. An object that fails does not stop the others.
-    pub async fn apply_all(&self, manifests: &[Manifest], ownership: &Ownership) -> ApplyOutcome {
-        let mut outcome = ApplyOutcome::default();
-        let mut ordered: Vec<&Manifest> = manifests.iter().collect();
-        ordered.sort_by_key(|m| m.phase());
-        let fresh_kinds: BTreeSet<KindKey> = manifests
-            .iter()
-            .filter_map(Manifest::defined_kind)
-            .collect();
-        let mut crds = Vec::new();
-        let mut waited = false;
-        for manifest in ordered {
-            if manifest.phase() == Phase::Rest && !waited {
-                waited = true;
-                self.wait_for_crds(&crds, &mut outcome).await;
-            }
-            let fresh = fresh_kinds.contains(&(manifest.group().to_owned(), manifest.kind.clone()));
-            let attempts = if fresh { FRESH_KIND_ATTEMPTS } else { 1 };
-            match self.apply_one(manifest, ownership, attempts).await {
-                Ok((key, applied)) => {
-                    if manifest.phase() == Phase::Crds {
-                        crds.push(key.clone());
-                    }
-                    outcome
-                        .kinds
-                        .insert(applied.resource.kind_key(), applied.resource.clone());
-                    outcome.desired.insert(key.clone());
-                    outcome.applied.insert(key, applied);
-                }
-                Err((key, resolved, message)) => {
-                    match (key, resolved) {
-                        (Some(key), Some(resolved)) => {
-                            outcome.kinds.insert(resolved.kind_key(), resolved);
-                            outcome.desired.insert(key);
-                        }
-                        _ => {
-                            outcome
-                                .unresolved
-                                .insert((manifest.group().to_owned(), manifest.kind.clone()));
-                        }
-                    }
-                    tracing::warn!(object = %manifest.describe(), %message, "failed to apply");
-                    outcome.failures.push(ObjectFailure {
-                        object: manifest.describe(),
-                        message,
-                    });
-                }
-            }
-        }
-        if !waited {
-            self.wait_for_crds(&crds, &mut outcome).await;
-        }
-        outcome
-    }
-
-    /// Applies one object; on failure returns its key and kind when they resolved.
-    async fn apply_one(
-        &self,
-        manifest: &Manifest,
-        ownership: &Ownership,
-        attempts: u32,
-    ) -> Result<(ObjectKey, AppliedObject), (Option<ObjectKey>, Option<Resolved>, String)> {
-        let gvk = manifest.gvk();
-        let mut resolved = self
-            .resolve(&gvk, attempts)
-            .await
-            .map_err(|message| (None, None, message))?;
-        let mut retried = false;
-        loop {
-            let namespace = resolved.namespaced.then(|| {
+    /// Where `manifest` goes once its kind is resolved.
+    pub fn key_for(manifest: &Manifest, resolved: &Resolved) -> ObjectKey {
+        ObjectKey {
+            group: resolved.resource.group.clone(),
+            kind: resolved.resource.kind.clone(),
+            namespace: resolved.namespaced.then(|| {
                 manifest
                     .namespace
                     .clone()
                     .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
-            });
-            let key = ObjectKey {
-                group: resolved.resource.group.clone(),
-                kind: resolved.resource.kind.clone(),
-                namespace: namespace.clone(),
-                name: manifest.name.clone(),
-            };
-            let desired = manifest::prepare(&manifest.object, namespace.as_deref(), ownership);
-            let api = resolved.api(&self.client, namespace.as_deref());
+            }),
+            name: manifest.name.clone(),
+        }
+    }
+
+    /// Server-side applies one object (forced, the agent's field manager) and returns what
+    /// was applied and the server's answer.
+    pub async fn apply_object(
+        &self,
+        manifest: &Manifest,
+        resolved: &Resolved,
+        ownership: &Ownership,
+    ) -> Result<(AppliedObject, DynamicObject), String> {
+        let gvk = manifest.gvk();
+        let mut resolved = resolved.clone();
+        let mut retried = false;
+        loop {
+            let key = Self::key_for(manifest, &resolved);
+            let desired = manifest::prepare(&manifest.object, key.namespace.as_deref(), ownership);
+            let api = resolved.api(&self.client, key.namespace.as_deref());
             let params = PatchParams::apply(AGENT_FIELD_MANAGER).force();
             match api
                 .patch(&manifest.name, &params, &Patch::Apply(&desired))
                 .await
             {
-                Ok(_) => {
+                Ok(object) => {
                     tracing::debug!(object = %key, "applied");
                     return Ok((
-                        key,
                         AppliedObject {
                             resource: resolved,
                             desired,
                         },
+                        object,
                     ));
                 }
                 // A 404 from an apply is a missing namespace or a kind that went away since
@@ -372,28 +241,9 @@ impl Applier {
                 Err(err) if is_status(&err, 404) && !retried => {
                     retried = true;
                     self.invalidate(&gvk);
-                    match self.resolve(&gvk, 1).await {
-                        Ok(again) => resolved = again,
-                        Err(message) => return Err((None, None, message)),
-                    }
+                    resolved = self.resolve(&gvk, 1).await?;
                 }
-                Err(err) => return Err((Some(key), Some(resolved), server_message(&err))),
-            }
-        }
-    }
-
-    async fn wait_for_crds(&self, crds: &[ObjectKey], outcome: &mut ApplyOutcome) {
-        let waits = crds
-            .iter()
-            .map(|key| async move { (key, self.wait_established(&key.name).await) });
-        for (key, result) in join_all(waits).await {
-            if let Err(message) = result {
-                tracing::warn!(object = %key, %message, "CRD not established");
-                outcome.applied.remove(key);
-                outcome.failures.push(ObjectFailure {
-                    object: key.to_string(),
-                    message,
-                });
+                Err(err) => return Err(server_message(&err)),
             }
         }
     }
@@ -428,71 +278,57 @@ impl Applier {
         }
     }
 
-    /// Deletes the objects matching `selector` in `kinds` (but not in `skip`) that `doomed`
-    /// picks, ordinary objects first, then CRDs, then Namespaces. Only objects carrying the
-    /// selector's labels are ever touched.
-    pub async fn delete_matching(
+    /// Deletes the object if it still has `uid` (a precondition, so that a re-created object
+    /// of the same name is never deleted). `Ok(false)`: it was gone or replaced already.
+    pub async fn delete_exact(
         &self,
-        selector: &str,
-        kinds: &BTreeMap<KindKey, Resolved>,
-        skip: &BTreeSet<KindKey>,
-        doomed: impl Fn(&ObjectKey, &DynamicObject) -> bool,
-    ) -> DeleteOutcome {
-        let mut outcome = DeleteOutcome::default();
-        let mut candidates: Vec<(ObjectKey, Resolved, Option<String>)> = Vec::new();
-        for (kind_key, resolved) in kinds {
-            if skip.contains(kind_key) {
-                continue;
+        key: &ObjectKey,
+        resolved: &Resolved,
+        uid: &str,
+    ) -> Result<bool, String> {
+        let api = resolved.api(&self.client, key.namespace.as_deref());
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_owned()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &params).await {
+            Ok(_) => {
+                tracing::info!(object = %key, "deleted");
+                Ok(true)
             }
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resolved.resource);
-            match api.list(&ListParams::default().labels(selector)).await {
-                Ok(list) => {
-                    for object in list.items {
-                        let key = resolved.key_of(&object);
-                        if object.metadata.deletion_timestamp.is_none() && doomed(&key, &object) {
-                            candidates.push((key, resolved.clone(), object.metadata.uid.clone()));
-                        }
-                    }
-                }
-                // The kind is gone (its CRD was deleted): nothing of it is left to delete.
-                Err(err) if is_status(&err, 404) => {}
-                Err(err) => outcome.failures.push(ObjectFailure {
-                    object: resolved.resource.kind.clone(),
-                    message: format!("failed to list for pruning: {}", server_message(&err)),
-                }),
-            }
+            Err(err) if is_status(&err, 404) || is_status(&err, 409) => Ok(false),
+            Err(err) => Err(server_message(&err)),
         }
-        candidates.sort_by(|(a, _, _), (b, _, _)| {
-            (a.phase().delete_rank(), a).cmp(&(b.phase().delete_rank(), b))
-        });
-        for (key, resolved, uid) in candidates {
-            let api = resolved.api(&self.client, key.namespace.as_deref());
-            let params = DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                preconditions: Some(Preconditions {
-                    uid,
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&key.name, &params).await {
-                Ok(_) => {
-                    tracing::info!(object = %key, "deleted");
-                    outcome.deleted.push(key);
-                }
-                // Already gone, or replaced by a new object of the same name: not ours to delete.
-                Err(err) if is_status(&err, 404) || is_status(&err, 409) => {}
-                Err(err) => {
-                    let message = server_message(&err);
-                    tracing::warn!(object = %key, %message, "failed to delete");
-                    outcome.failures.push(ObjectFailure {
-                        object: key.to_string(),
-                        message,
-                    });
-                }
-            }
-        }
-        outcome
+    }
+
+    /// Merge-patches the object (for orphaning: removing Brokkr's labels and annotations).
+    pub async fn merge_patch(
+        &self,
+        key: &ObjectKey,
+        resolved: &Resolved,
+        patch: &Value,
+    ) -> Result<(), String> {
+        let api = resolved.api(&self.client, key.namespace.as_deref());
+        api.patch(&key.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|err| server_message(&err))
+    }
+
+    /// Reads the live object, `None` when it does not exist.
+    pub async fn get_object(
+        &self,
+        key: &ObjectKey,
+        resolved: &Resolved,
+    ) -> Result<Option<DynamicObject>, String> {
+        let api = resolved.api(&self.client, key.namespace.as_deref());
+        api.get_opt(&key.name)
+            .await
+            .map_err(|err| server_message(&err))
     }
 
     /// Reads the live object, `None` when it does not exist.

@@ -61,6 +61,12 @@ pub struct Args {
     #[arg(long, env = "BROKKR_CRD_ESTABLISH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub crd_establish_timeout: Duration,
 
+    /// Namespace of the agent's inventories (one ConfigMap per stack recording what the agent
+    /// applied). Defaults to the namespace of the agent's service account (or kubeconfig
+    /// context); the Helm chart sets it to the release namespace.
+    #[arg(long, env = "BROKKR_AGENT_NAMESPACE")]
+    pub namespace: Option<String>,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "BROKKR_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
@@ -114,6 +120,8 @@ pub struct Config {
     /// Retries of a stack whose apply, prune or delete failed.
     pub retry_backoff: Backoff,
     pub log_json: bool,
+    /// Namespace of the inventories; `None`: the client's default namespace.
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +170,7 @@ impl Config {
             hub_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             retry_backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
             log_json: false,
+            namespace: None,
         })
     }
 
@@ -199,6 +208,7 @@ impl Config {
         config.poll_wait = args.poll_wait;
         config.crd_establish_timeout = args.crd_establish_timeout;
         config.log_json = args.log_json;
+        config.namespace = args.namespace.filter(|ns| !ns.is_empty());
         Ok(config)
     }
 }

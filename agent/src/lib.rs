@@ -13,14 +13,26 @@
 //!   objects never get a namespace ([`manifest::prepare`]).
 //! - Apply order: Namespaces, CRDs (then a bounded wait until they are `Established`), then
 //!   the rest. Deletion runs the other way. One failing object does not stop the others.
-//! - Pruning and deletion only ever touch objects labelled `brokkr.io/stack=<stack id>` *and*
-//!   `brokkr.io/agent=<agent name>`. They are looked for by label among the kinds applied in
-//!   this process, the kinds of the current deployment object, and a list of well-known kinds
-//!   ([`apply::WELL_KNOWN_KINDS`]), so a restarted agent still finds them. A kind that did not
-//!   resolve this round is not pruned this round.
-//! - A stack that leaves the desired set is deleted without an event (there is no deployment
-//!   object to report on); objects of stacks the hub no longer lists that were left behind
-//!   while the agent was down are swept on the first desired state and on every resync.
+//! - Ownership is decided by a persistent inventory per stack ([`inventory`]): a ConfigMap
+//!   `brokkr-inventory-<stack id>` in the agent's namespace listing group/version/kind/
+//!   namespace/name/uid of every object applied for the stack, written before applying
+//!   (intent) and trimmed once objects are confirmed gone. Pruning, stack deletion,
+//!   untargeting and the start-up sweep read it, so objects of every kind are found after a
+//!   restart. An object is deleted only if the inventory lists it and its live uid matches;
+//!   labels never authorise a deletion. A kind that did not resolve this round is not pruned
+//!   this round.
+//! - No silent adoption: an object that exists and is not in the stack's inventory is
+//!   refused ("exists and is not managed by Brokkr; ...") unless the stack's policy has
+//!   `adoptExisting`; an object another stack's inventory lists is never taken over.
+//! - The stack's policy (adoption, `deletionPolicy: Delete | Orphan`) comes as the first line
+//!   of the deployment object ([`brokkr_crds::policy`]). With `Orphan`, a deleted or
+//!   untargeted stack's objects stay, without `brokkr.io/*` labels and annotations, and the
+//!   inventory is deleted.
+//! - A deletion marker is reported `Delete Success` only when everything the inventory
+//!   listed is gone (or orphaned); else `Delete Failure` naming what is left, retried with
+//!   backoff. A stack that leaves the desired set is removed without an event (there is no
+//!   deployment object to report on); inventories of stacks the hub no longer lists are
+//!   swept on the first desired state and on every resync.
 //! - Nothing is ever deleted because the hub cannot be reached or refuses the key: only a
 //!   successful answer from the hub changes the desired state.
 //! - Events are reported when their outcome changes (not on every retry or resync); a stack's
@@ -37,6 +49,7 @@ pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod hub;
+pub mod inventory;
 pub mod manifest;
 pub mod metrics;
 pub mod reporter;

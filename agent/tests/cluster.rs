@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use brokkr_crds::wire::{EventStatus, EventType};
-use brokkr_crds::{AGENT_LABEL, CHECKSUM_ANNOTATION, DEPLOYMENT_OBJECT_ANNOTATION, STACK_LABEL};
+use brokkr_crds::{
+    AGENT_LABEL, CHECKSUM_ANNOTATION, DEPLOYMENT_OBJECT_ANNOTATION, DeletionPolicy, STACK_LABEL,
+    StackPolicy,
+};
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -79,7 +82,7 @@ async fn namespaces_and_crds_are_applied_first_and_every_object_is_labelled() {
             namespace_yaml(&ns),
         ]),
     );
-    let config = config(&hub);
+    let config = config_in(&hub, &cluster);
     let agent_name = config.agent_name.clone();
     let agent = start_agent(config, cluster.client.clone()).await;
 
@@ -136,7 +139,7 @@ async fn objects_dropped_from_the_next_version_are_pruned_and_nothing_else_is() 
     let cluster = cluster().await;
     let hub = FakeHub::start().await;
     let ns = cluster.namespace.clone();
-    let config = config(&hub);
+    let config = config_in(&hub, &cluster);
     let agent_name = config.agent_name.clone();
     let config_maps: Api<ConfigMap> = cluster.api();
 
@@ -201,7 +204,7 @@ async fn a_restarted_agent_still_prunes_and_removes_stacks_that_left_while_it_wa
     let cluster = cluster().await;
     let hub = FakeHub::start().await;
     let ns = cluster.namespace.clone();
-    let config = config(&hub);
+    let config = config_in(&hub, &cluster);
     let config_maps: Api<ConfigMap> = cluster.api();
 
     let stack = Uuid::now_v7();
@@ -272,7 +275,7 @@ async fn a_deletion_marker_or_an_untargeted_stack_removes_everything_of_that_sta
         ]),
     );
     let other = hub.publish(untargeted, &config_map_yaml("untargeted", &ns, "z"));
-    let agent = start_agent(config(&hub), client.clone()).await;
+    let agent = start_agent(config_in(&hub, &cluster), client.clone()).await;
     hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
         .await;
     hub.wait_for_event(other, EventType::Apply, EventStatus::Success)
@@ -333,7 +336,7 @@ async fn an_edited_or_deleted_object_is_put_back() {
 
     let stack = Uuid::now_v7();
     let v1 = hub.publish(stack, &config_map_yaml("settings", &ns, "fast"));
-    let agent = start_agent(config(&hub), cluster.client.clone()).await;
+    let agent = start_agent(config_in(&hub, &cluster), cluster.client.clone()).await;
     hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
         .await;
 
@@ -390,7 +393,7 @@ async fn a_rejected_object_is_reported_with_the_servers_message_and_fixed_by_the
             config_map_yaml("settings", &ns, "fast"),
         ]),
     );
-    let agent = start_agent(config(&hub), cluster.client.clone()).await;
+    let agent = start_agent(config_in(&hub, &cluster), cluster.client.clone()).await;
     let failure = hub
         .wait_for_event(v1, EventType::Apply, EventStatus::Failure)
         .await;
@@ -474,7 +477,7 @@ spec:
         stack,
         &join(&[config_map_yaml("settings", &ns, "fast"), deployment]),
     );
-    let agent = start_agent(config(&hub), cluster.client.clone()).await;
+    let agent = start_agent(config_in(&hub, &cluster), cluster.client.clone()).await;
     hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
         .await;
 
@@ -562,56 +565,447 @@ spec:
     cluster.cleanup().await;
 }
 
+/// A ConfigMap in the test namespace labelled as `stack`'s by someone else (not the agent).
+async fn forge(config_maps: &Api<ConfigMap>, name: &str, stack: Uuid, agent: &str) {
+    let mut object = ConfigMap::default();
+    object.metadata.name = Some(name.into());
+    object.metadata.labels = Some(
+        [
+            (STACK_LABEL.to_owned(), stack.to_string()),
+            (AGENT_LABEL.to_owned(), agent.to_owned()),
+        ]
+        .into(),
+    );
+    config_maps
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
-async fn the_periodic_resync_removes_what_came_back_without_reporting_again() {
+async fn objects_labelled_by_someone_else_are_never_deleted_and_a_deletion_is_reported_once() {
     let cluster = cluster().await;
     let hub = FakeHub::start().await;
     let ns = cluster.namespace.clone();
     let config_maps: Api<ConfigMap> = cluster.api();
-    let mut config = config(&hub);
+    let mut config = config_in(&hub, &cluster);
     config.resync_interval = Duration::from_secs(1);
     let agent_name = config.agent_name.clone();
 
     let stack = Uuid::now_v7();
+    let untargeted = Uuid::now_v7();
+    // Labelled as the stack's before the agent ever ran: labels alone make nothing ours.
+    forge(&config_maps, "planted", stack, &agent_name).await;
     let v1 = hub.publish(stack, &config_map_yaml("settings", &ns, "fast"));
+    let other = hub.publish(untargeted, &config_map_yaml("other", &ns, "x"));
     let agent = start_agent(config, cluster.client.clone()).await;
     hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
         .await;
-    let marker = hub.publish_deletion(stack);
-    hub.wait_for_event(marker, EventType::Delete, EventStatus::Success)
+    hub.wait_for_event(other, EventType::Apply, EventStatus::Success)
         .await;
+    // Labelled behind the agent's back while the stacks are live.
+    forge(&config_maps, "came-later", untargeted, &agent_name).await;
+    forge(&config_maps, "stray", Uuid::now_v7(), &agent_name).await;
 
-    // Objects labelled for the deleted stack, and for a stack this agent never heard of,
-    // appear behind the agent's back. No watch event makes them the agent's business: only
-    // the resync finds them.
-    for (name, owner) in [("came-back", stack), ("stray", Uuid::now_v7())] {
-        let mut object = ConfigMap::default();
-        object.metadata.name = Some(name.into());
-        object.metadata.labels = Some(
-            [
-                (STACK_LABEL.to_owned(), owner.to_string()),
-                (AGENT_LABEL.to_owned(), agent_name.clone()),
-            ]
-            .into(),
-        );
-        config_maps
-            .create(&PostParams::default(), &object)
-            .await
-            .unwrap();
-    }
-    eventually_within(PATIENCE, "the resync to remove both", || async {
-        let left = config_maps.get_opt("came-back").await.unwrap().is_some()
-            || config_maps.get_opt("stray").await.unwrap().is_some();
-        (!left).then_some(())
-    })
+    let marker = hub.publish_deletion(stack);
+    hub.untarget(untargeted);
+    let deleted = hub
+        .wait_for_event(marker, EventType::Delete, EventStatus::Success)
+        .await;
+    assert_eq!(deleted.message.as_deref(), Some("deleted 1 object"));
+    eventually_within(
+        PATIENCE,
+        "the untargeted stack's ConfigMap to go",
+        || async {
+            config_maps
+                .get_opt("other")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(config_maps.get_opt("settings").await.unwrap().is_none());
+    // Resyncs come and go; what the agent never applied stays.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for name in ["planted", "came-later", "stray"] {
+        assert!(
+            config_maps.get_opt(name).await.unwrap().is_some(),
+            "{name} was deleted"
+        );
+    }
+    assert!(inventory_of(&cluster, stack).await.is_none());
+    assert!(inventory_of(&cluster, untargeted).await.is_none());
     let deletes = hub
         .events_for(marker)
         .into_iter()
         .filter(|e| e.event_type == EventType::Delete)
         .count();
     assert_eq!(deletes, 1, "the deletion is reported once");
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_custom_object_dropped_or_untargeted_while_the_agent_was_down_is_removed_after_a_restart()
+{
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let group = unique_group();
+    let other_group = unique_group();
+    cluster.delete_on_drop::<CustomResourceDefinition>(&format!("widgets.{group}"));
+    cluster.delete_on_drop::<CustomResourceDefinition>(&format!("widgets.{other_group}"));
+    let config = config_in(&hub, &cluster);
+    let widgets = widgets(&cluster.client, &group, &ns);
+    let other_widgets = self::widgets(&cluster.client, &other_group, &ns);
+
+    let stack = Uuid::now_v7();
+    let leaving = Uuid::now_v7();
+    let v1 = hub.publish(
+        stack,
+        &join(&[
+            widget_crd_yaml(&group),
+            widget_yaml(&group, "kept", &ns, "1"),
+            widget_yaml(&group, "dropped", &ns, "2"),
+        ]),
+    );
+    let gone = hub.publish(
+        leaving,
+        &join(&[
+            widget_crd_yaml(&other_group),
+            widget_yaml(&other_group, "leaving", &ns, "3"),
+        ]),
+    );
+    let agent = start_agent(config.clone(), cluster.client.clone()).await;
+    hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
+        .await;
+    hub.wait_for_event(gone, EventType::Apply, EventStatus::Success)
+        .await;
+    // What the agent recorded: every object with its uid.
+    let recorded = inventory_of(&cluster, stack).await.unwrap();
+    let dropped_uid = widgets.get("dropped").await.unwrap().metadata.uid;
+    let entry = recorded
+        .entries
+        .values()
+        .find(|e| e.kind == "Widget" && e.name == "dropped")
+        .unwrap();
+    assert_eq!(
+        (
+            entry.group.as_str(),
+            entry.version.as_str(),
+            entry.namespace.as_deref()
+        ),
+        (group.as_str(), "v1", Some(ns.as_str()))
+    );
+    assert_eq!(entry.uid, dropped_uid);
+    assert_eq!(recorded.entries.len(), 3);
+    agent.stop().await;
+
+    // While the agent is down: a custom object leaves the stack, and a stack of custom
+    // objects leaves the agent. No well-known kind anywhere.
+    let v2 = hub.publish(
+        stack,
+        &join(&[
+            widget_crd_yaml(&group),
+            widget_yaml(&group, "kept", &ns, "1"),
+        ]),
+    );
+    hub.untarget(leaving);
+    let agent = start_agent(config, cluster.client.clone()).await;
+    hub.wait_for_event(v2, EventType::Apply, EventStatus::Success)
+        .await;
+    assert!(widgets.get_opt("dropped").await.unwrap().is_none());
+    assert!(widgets.get_opt("kept").await.unwrap().is_some());
+    eventually_within(PATIENCE, "the untargeted stack's Widget to go", || async {
+        let widget = other_widgets.get_opt("leaving").await.ok().flatten();
+        widget.is_none().then_some(())
+    })
+    .await;
+    eventually_within(
+        PATIENCE,
+        "the untargeted stack's inventory to go",
+        || async {
+            inventory_of(&cluster, leaving)
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        inventory_of(&cluster, stack).await.unwrap().entries.len(),
+        2
+    );
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_existing_object_is_refused_until_the_stack_adopts_it_and_another_stacks_never_is() {
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let config_maps: Api<ConfigMap> = cluster.api();
+    let config = config_in(&hub, &cluster);
+    let agent_name = config.agent_name.clone();
+
+    let mut existing = ConfigMap::default();
+    existing.metadata.name = Some("settings".into());
+    existing.data = Some([("mode".to_owned(), "theirs".to_owned())].into());
+    config_maps
+        .create(&PostParams::default(), &existing)
+        .await
+        .unwrap();
+
+    let stack = Uuid::now_v7();
+    let v1 = hub.publish(
+        stack,
+        &join(&[
+            config_map_yaml("settings", &ns, "ours"),
+            config_map_yaml("fresh", &ns, "ours"),
+        ]),
+    );
+    let agent = start_agent(config, cluster.client.clone()).await;
+    let refused = hub
+        .wait_for_event(v1, EventType::Apply, EventStatus::Failure)
+        .await;
+    assert_eq!(
+        refused.message.as_deref(),
+        Some(
+            format!(
+                "1 of 2 objects failed: ConfigMap {ns}/settings: exists and is not managed by Brokkr; set spec.adoptExisting: true on the Stack to take it over"
+            )
+            .as_str()
+        )
+    );
+    let untouched = config_maps.get("settings").await.unwrap();
+    assert_eq!(untouched.data.unwrap()["mode"], "theirs");
+    assert!(
+        !untouched
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key(STACK_LABEL)
+    );
+    assert!(config_maps.get_opt("fresh").await.unwrap().is_some());
+
+    let adopt = StackPolicy {
+        adopt_existing: true,
+        ..StackPolicy::default()
+    };
+    let v2 = hub.publish(
+        stack,
+        &with_policy(
+            &adopt,
+            &[
+                config_map_yaml("settings", &ns, "ours"),
+                config_map_yaml("fresh", &ns, "ours"),
+            ],
+        ),
+    );
+    hub.wait_for_event(v2, EventType::Apply, EventStatus::Success)
+        .await;
+    let adopted = config_maps.get("settings").await.unwrap();
+    assert_owned(&adopted.metadata, stack, &agent_name, &hub, v2);
+    assert_eq!(adopted.data.unwrap()["mode"], "ours");
+    let uid = adopted.metadata.uid.clone();
+    let recorded = inventory_of(&cluster, stack).await.unwrap();
+    assert!(
+        recorded
+            .entries
+            .values()
+            .any(|e| e.name == "settings" && e.uid == uid)
+    );
+
+    // Another stack, even one allowed to adopt, never takes over the first stack's object.
+    let rival = Uuid::now_v7();
+    let r1 = hub.publish(
+        rival,
+        &with_policy(&adopt, &[config_map_yaml("settings", &ns, "rival")]),
+    );
+    let taken = hub
+        .wait_for_event(r1, EventType::Apply, EventStatus::Failure)
+        .await;
+    let message = taken.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!("is managed by another Brokkr stack ({stack})")),
+        "{message}"
+    );
+    let kept = config_maps.get("settings").await.unwrap();
+    assert_eq!(kept.data.unwrap()["mode"], "ours");
+    assert_owned(&kept.metadata, stack, &agent_name, &hub, v2);
+
+    // Adopted means owned: dropped from the stack, it is pruned like any other.
+    let v3 = hub.publish(
+        stack,
+        &with_policy(&adopt, &[config_map_yaml("fresh", &ns, "ours")]),
+    );
+    hub.wait_for_event(v3, EventType::Apply, EventStatus::Success)
+        .await;
+    assert!(config_maps.get_opt("settings").await.unwrap().is_none());
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test]
+async fn orphan_leaves_the_objects_without_brokkr_labels_and_forgets_them() {
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let config_maps: Api<ConfigMap> = cluster.api();
+    let config = config_in(&hub, &cluster);
+    let orphan = StackPolicy {
+        deletion_policy: DeletionPolicy::Orphan,
+        ..StackPolicy::default()
+    };
+
+    let deleted = Uuid::now_v7();
+    let untargeted = Uuid::now_v7();
+    let v1 = hub.publish(
+        deleted,
+        &with_policy(
+            &orphan,
+            &[
+                config_map_yaml("kept-a", &ns, "a"),
+                config_map_yaml("kept-b", &ns, "b"),
+            ],
+        ),
+    );
+    let other = hub.publish(
+        untargeted,
+        &with_policy(&orphan, &[config_map_yaml("kept-c", &ns, "c")]),
+    );
+    let agent = start_agent(config.clone(), cluster.client.clone()).await;
+    hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
+        .await;
+    hub.wait_for_event(other, EventType::Apply, EventStatus::Success)
+        .await;
+    assert_eq!(
+        inventory_of(&cluster, untargeted)
+            .await
+            .unwrap()
+            .deletion_policy,
+        DeletionPolicy::Orphan
+    );
+
+    // The deletion marker carries the policy line of the last version.
+    let marker = hub.publish_object(deleted, &orphan.header().unwrap(), true);
+    let event = hub
+        .wait_for_event(marker, EventType::Delete, EventStatus::Success)
+        .await;
+    assert_eq!(
+        event.message.as_deref(),
+        Some("orphaned 2 objects: left in place without brokkr.io labels and annotations")
+    );
+    // Untargeted while the agent is down: the inventory's policy decides.
+    agent.stop().await;
+    hub.untarget(untargeted);
+    let agent = start_agent(config, cluster.client.clone()).await;
+    eventually_within(
+        PATIENCE,
+        "the untargeted stack's inventory to go",
+        || async {
+            inventory_of(&cluster, untargeted)
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+
+    for name in ["kept-a", "kept-b", "kept-c"] {
+        let object = config_maps.get(name).await.unwrap();
+        let brokkr = |keys: Option<std::collections::BTreeMap<String, String>>| {
+            keys.unwrap_or_default()
+                .keys()
+                .filter(|k| k.starts_with("brokkr.io/"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            brokkr(object.metadata.labels.clone()),
+            Vec::<String>::new(),
+            "{name}"
+        );
+        assert_eq!(
+            brokkr(object.metadata.annotations.clone()),
+            Vec::<String>::new(),
+            "{name}"
+        );
+        // The manifest's own label stays.
+        assert_eq!(object.metadata.labels.unwrap()["app"], "shop", "{name}");
+    }
+    assert!(inventory_of(&cluster, deleted).await.is_none());
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_object_replaced_by_someone_else_is_not_deleted() {
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let config_maps: Api<ConfigMap> = cluster.api();
+    let config = config_in(&hub, &cluster);
+
+    let stack = Uuid::now_v7();
+    let v1 = hub.publish(
+        stack,
+        &join(&[
+            config_map_yaml("replaced", &ns, "a"),
+            config_map_yaml("ours", &ns, "b"),
+        ]),
+    );
+    let agent = start_agent(config.clone(), cluster.client.clone()).await;
+    hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
+        .await;
+    agent.stop().await;
+
+    // While the agent is down, someone deletes the object and creates their own of the same
+    // name, with the same labels.
+    let original = config_maps.get("replaced").await.unwrap();
+    config_maps
+        .delete("replaced", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_within(PATIENCE, "the original to go", || async {
+        config_maps
+            .get_opt("replaced")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let mut theirs = ConfigMap::default();
+    theirs.metadata.name = Some("replaced".into());
+    theirs.metadata.labels = original.metadata.labels.clone();
+    theirs.data = Some([("mode".to_owned(), "theirs".to_owned())].into());
+    let theirs = config_maps
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    assert_ne!(theirs.metadata.uid, original.metadata.uid);
+
+    let marker = hub.publish_deletion(stack);
+    let agent = start_agent(config, cluster.client.clone()).await;
+    let event = hub
+        .wait_for_event(marker, EventType::Delete, EventStatus::Success)
+        .await;
+    assert_eq!(
+        event.message.as_deref(),
+        Some("deleted 1 object; left 1 object alone that had been replaced by someone else")
+    );
+    assert!(config_maps.get_opt("ours").await.unwrap().is_none());
+    let left = config_maps.get("replaced").await.unwrap();
+    assert_eq!(left.metadata.uid, theirs.metadata.uid);
+    assert_eq!(left.data.unwrap()["mode"], "theirs");
 
     agent.stop().await;
     cluster.cleanup().await;

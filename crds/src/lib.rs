@@ -20,6 +20,7 @@ pub mod agent_target;
 pub mod conditions;
 mod crdgen;
 pub mod generator;
+pub mod policy;
 mod schema;
 pub mod stack;
 pub mod validation;
@@ -33,6 +34,7 @@ pub use crdgen::{
     CHART_CRDS_DIR, all_crds, crd_file_name, crds_yaml, rendered_crd_files, write_crd_files,
 };
 pub use generator::{Generator, GeneratorSpec, GeneratorStatus};
+pub use policy::{DeletionPolicy, StackPolicy};
 pub use stack::{
     AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS, Stack,
     StackAgentStatus, StackSpec, StackStatus, ready_ratio,
@@ -72,6 +74,11 @@ pub const AGENT_LABEL: &str = "brokkr.io/agent";
 pub const DEPLOYMENT_OBJECT_ANNOTATION: &str = "brokkr.io/deployment-object";
 /// Annotation on every object an agent applies: the checksum of the deployment object it came from.
 pub const CHECKSUM_ANNOTATION: &str = "brokkr.io/checksum";
+/// Label of an agent's inventory of a stack (a ConfigMap in the agent's namespace), beside
+/// [`STACK_LABEL`] and [`AGENT_LABEL`].
+pub const INVENTORY_LABEL: &str = "brokkr.io/inventory";
+/// Prefix of every label and annotation Brokkr puts on spoke objects.
+pub const LABEL_PREFIX: &str = "brokkr.io/";
 
 #[cfg(test)]
 mod tests {

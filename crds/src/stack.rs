@@ -102,6 +102,29 @@ pub struct StackSpec {
     /// keep what they applied last. Defaults to false.
     #[serde(default)]
     pub suspend: bool,
+
+    /// Lets agents take over objects that already exist on their spoke clusters and that no
+    /// Stack manages. Without it an agent refuses such an object (an Apply failure: "exists
+    /// and is not managed by Brokkr") and leaves it untouched. An object another Stack
+    /// manages is never taken over. Defaults to false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt_existing: bool,
+
+    /// What agents do with this Stack's objects when the Stack is deleted or no longer
+    /// targeted at them: `Delete` (the default) deletes them; `Orphan` leaves them in place
+    /// with Brokkr's `brokkr.io/*` labels and annotations removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<crate::DeletionPolicy>,
+}
+
+impl StackSpec {
+    /// The policy agents apply this Stack's content with.
+    pub fn policy(&self) -> crate::StackPolicy {
+        crate::StackPolicy {
+            adopt_existing: self.adopt_existing,
+            deletion_policy: self.deletion_policy.unwrap_or_default(),
+        }
+    }
 }
 
 /// Reference to a Generator in the same namespace.

@@ -15,11 +15,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use brokkr_agent::backoff::Backoff;
+use brokkr_agent::inventory::{self, Inventory};
 use brokkr_agent::{AgentHandle, AgentKey, Config};
+use brokkr_crds::StackPolicy;
 use brokkr_crds::wire::{
     API_PREFIX, AgentEvent, ApiError, DeploymentObject, DesiredStack, DesiredState, EventBatch,
     EventBatchResult, EventStatus, EventType, Heartbeat, HeartbeatAck,
 };
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
 use kubesim::testing::{TestCluster, eventually_within, unique_name};
 use serde::Deserialize;
@@ -341,7 +344,8 @@ impl FakeHub {
         self.publish_object(stack_id, "", true)
     }
 
-    fn publish_object(&self, stack_id: Uuid, yaml: &str, deletion: bool) -> Uuid {
+    /// Publishes a deployment object (a deletion marker when `deletion`) and returns its id.
+    pub fn publish_object(&self, stack_id: Uuid, yaml: &str, deletion: bool) -> Uuid {
         let mut inner = self.shared.lock();
         inner.sequence += 1;
         let sequence = inner.sequence;
@@ -480,6 +484,29 @@ pub fn config(hub: &FakeHub) -> Config {
     config.hub_backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
     config.retry_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
     config
+}
+
+/// [`config`] with the agent's inventories in the test's namespace.
+pub fn config_in(hub: &FakeHub, cluster: &TestCluster) -> Config {
+    let mut config = config(hub);
+    config.namespace = Some(cluster.namespace.clone());
+    config
+}
+
+/// The stack's inventory as the agent recorded it in the test's namespace, if any.
+pub async fn inventory_of(cluster: &TestCluster, stack: Uuid) -> Option<Inventory> {
+    let config_maps: kube::Api<ConfigMap> = cluster.api();
+    let config_map = config_maps
+        .get_opt(&inventory::name_of(stack))
+        .await
+        .unwrap()?;
+    let json = config_map.data.unwrap_or_default()[inventory::DATA_KEY].clone();
+    Some(Inventory::from_json(&json).unwrap())
+}
+
+/// The deployment-object YAML of `documents` with the hub's policy line first.
+pub fn with_policy(policy: &StackPolicy, documents: &[String]) -> String {
+    format!("{}{}", policy.header().unwrap_or_default(), join(documents))
 }
 
 pub async fn start_agent(config: Config, client: Client) -> AgentHandle {

@@ -1,0 +1,206 @@
+//! Drift: a watch per applied kind (selected by the agent label; labels only *find* objects
+//! here, they never make an object the agent's), and the debounced re-apply of stacks whose
+//! objects were changed or deleted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::Worker;
+use crate::apply::{AppliedObject, KindKey, Resolved};
+use crate::manifest::{self, ObjectKey};
+
+/// The worker's drift bookkeeping.
+pub(super) struct Drift {
+    pub(super) watchers: HashMap<KindKey, AbortHandle>,
+    pub(super) watch_tasks: JoinSet<()>,
+    pub(super) sightings_tx: mpsc::UnboundedSender<Sighting>,
+    /// Stacks to re-apply when the debounce ends.
+    pub(super) drifted: BTreeSet<Uuid>,
+    /// Stacks whose health to re-evaluate when the debounce ends.
+    pub(super) health_due: BTreeSet<Uuid>,
+    pub(super) debounce_until: Option<Instant>,
+}
+
+impl Drift {
+    pub(super) fn new() -> (Drift, mpsc::UnboundedReceiver<Sighting>) {
+        let (sightings_tx, sightings_rx) = mpsc::unbounded_channel();
+        (
+            Drift {
+                watchers: HashMap::new(),
+                watch_tasks: JoinSet::new(),
+                sightings_tx,
+                drifted: BTreeSet::new(),
+                health_due: BTreeSet::new(),
+                debounce_until: None,
+            },
+            sightings_rx,
+        )
+    }
+}
+
+/// What a watch saw happen to objects the agent labelled.
+pub(super) enum Sighting {
+    Changed {
+        key: ObjectKey,
+        live: serde_json::Value,
+    },
+    Deleted {
+        key: ObjectKey,
+    },
+    /// A (re-)list finished with exactly these objects of the kind: any applied object of the
+    /// kind missing from it was deleted while the watch was down.
+    Listed {
+        kind: KindKey,
+        keys: BTreeSet<ObjectKey>,
+    },
+}
+
+/// Watches one kind for objects labelled with this agent's name.
+pub(super) async fn watch_kind(
+    client: Client,
+    resolved: Resolved,
+    selector: String,
+    sightings: mpsc::UnboundedSender<Sighting>,
+) {
+    let api: Api<DynamicObject> = Api::all_with(client, &resolved.resource);
+    let stream =
+        watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut listing: BTreeSet<ObjectKey> = BTreeSet::new();
+    while let Some(event) = stream.next().await {
+        let sighting = match event {
+            Ok(Event::Apply(object)) | Ok(Event::InitApply(object)) => {
+                let key = resolved.key_of(&object);
+                listing.insert(key.clone());
+                match serde_json::to_value(&object) {
+                    Ok(live) => Sighting::Changed { key, live },
+                    Err(_) => continue,
+                }
+            }
+            Ok(Event::Delete(object)) => Sighting::Deleted {
+                key: resolved.key_of(&object),
+            },
+            Ok(Event::Init) => {
+                listing.clear();
+                continue;
+            }
+            Ok(Event::InitDone) => Sighting::Listed {
+                kind: resolved.kind_key(),
+                keys: std::mem::take(&mut listing),
+            },
+            Err(err) => {
+                tracing::debug!(kind = %resolved.resource.kind, error = %err, "watch interrupted");
+                continue;
+            }
+        };
+        if sightings.send(sighting).is_err() {
+            return;
+        }
+    }
+}
+
+impl Worker {
+    fn owner_of(&self, key: &ObjectKey) -> Option<(Uuid, &AppliedObject)> {
+        self.stacks
+            .iter()
+            .find_map(|(id, s)| s.applied.get(key).map(|a| (*id, a)))
+    }
+
+    pub(super) fn on_sighting(&mut self, sighting: Sighting) {
+        let mut touched = BTreeSet::new();
+        match sighting {
+            Sighting::Changed { key, live } => {
+                if let Some((id, applied)) = self.owner_of(&key) {
+                    if !manifest::live_matches(&applied.desired, &live) {
+                        tracing::info!(stack = %id, object = %key, "drift: the object was changed");
+                        self.drift.drifted.insert(id);
+                    }
+                    touched.insert(id);
+                }
+            }
+            Sighting::Deleted { key } => {
+                if let Some((id, _)) = self.owner_of(&key) {
+                    tracing::info!(stack = %id, object = %key, "drift: the object was deleted");
+                    self.drift.drifted.insert(id);
+                    touched.insert(id);
+                }
+            }
+            Sighting::Listed { kind, keys } => {
+                for (id, stack) in &self.stacks {
+                    let missing = stack.applied.keys().find(|key| {
+                        key.group == kind.0 && key.kind == kind.1 && !keys.contains(key)
+                    });
+                    if let Some(key) = missing {
+                        tracing::info!(stack = %id, object = %key, "drift: the object is gone");
+                        self.drift.drifted.insert(*id);
+                        touched.insert(*id);
+                    }
+                }
+            }
+        }
+        if touched.is_empty() {
+            return;
+        }
+        self.drift.health_due.extend(touched);
+        if self.drift.debounce_until.is_none() {
+            self.drift.debounce_until = Some(Instant::now() + self.config.drift_debounce);
+        }
+    }
+
+    pub(super) async fn on_debounce(&mut self) {
+        self.drift.debounce_until = None;
+        let drifted = std::mem::take(&mut self.drift.drifted);
+        let health_due = std::mem::take(&mut self.drift.health_due);
+        for id in &drifted {
+            self.sync_stack(*id).await;
+        }
+        for id in health_due.difference(&drifted) {
+            if let Some(mut stack) = self.stacks.remove(id) {
+                self.evaluate_health(&mut stack).await;
+                self.stacks.insert(*id, stack);
+            }
+        }
+    }
+
+    /// Starts a watch for every kind currently applied and stops the ones no longer needed.
+    pub(super) fn ensure_watchers(&mut self) {
+        let mut needed: BTreeMap<KindKey, Resolved> = BTreeMap::new();
+        for stack in self.stacks.values() {
+            for applied in stack.applied.values() {
+                needed.insert(applied.resource.kind_key(), applied.resource.clone());
+            }
+        }
+        self.drift.watchers.retain(|kind, handle| {
+            let keep = needed.contains_key(kind);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        let selector = manifest::agent_selector(&self.config.agent_name);
+        for (kind, resolved) in needed {
+            if self.drift.watchers.contains_key(&kind) {
+                continue;
+            }
+            tracing::debug!(kind = %resolved.resource.kind, "watching for drift");
+            let handle = self.drift.watch_tasks.spawn(watch_kind(
+                self.applier.client().clone(),
+                resolved,
+                selector.clone(),
+                self.drift.sightings_tx.clone(),
+            ));
+            self.drift.watchers.insert(kind, handle);
+        }
+        // Reap finished (aborted) watch tasks.
+        while self.drift.watch_tasks.try_join_next().is_some() {}
+    }
+}
