@@ -20,12 +20,12 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::api::{self, ApiConfig, ApiState, ChangeFeed};
+use crate::api::{self, ApiConfig, ApiState, ChangeFeed, RateLimit, ServeLimits};
 
 use crate::config::RunArgs;
 use crate::controllers::{self, ControllerConfig, error_chain};
 use crate::leader::{LeaseConfig, run_when_leader};
-use crate::metrics::Metrics;
+use crate::metrics::{ApiMetrics, Metrics};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,18 +99,33 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let store = Store::new(db);
     let changes = ChangeFeed::default();
     tokio::spawn(changes.clone().listen(database_url.clone(), store.clone()));
-    let api = api::app(ApiState::new(
-        store.clone(),
-        changes,
-        ApiConfig {
-            heartbeat_interval: args.heartbeat_interval,
-            ..ApiConfig::default()
-        },
-    ));
+    let api = api::app(
+        ApiState::new(
+            store.clone(),
+            changes,
+            ApiConfig {
+                heartbeat_interval: args.heartbeat_interval,
+                key_rate: RateLimit::new(args.api_key_rate, args.api_key_burst),
+                unknown_key_rate: RateLimit::new(
+                    args.api_unknown_key_rate,
+                    args.api_unknown_key_burst,
+                ),
+                ..ApiConfig::default()
+            },
+        )
+        .with_metrics(metrics.api.clone()),
+    );
     let api_server = tokio::spawn(serve_api(
         api,
         args.api_addr,
         args.tls_cert.clone().zip(args.tls_key.clone()),
+        ServeLimits {
+            header_read_timeout: args.api_header_read_timeout,
+            idle_timeout: args.api_idle_timeout,
+            max_connections: args.api_max_connections,
+            ..ServeLimits::default()
+        },
+        metrics.api.clone(),
         stopped(stop.clone()),
     ));
     ready.store(true, Ordering::Relaxed);
@@ -165,41 +180,30 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
         .map_err(|source| RunError::Serve { addr, source })
 }
 
-/// Serves the agent API until `shutdown`, then lets requests in flight finish for
-/// up to ten seconds.
+/// Serves the agent API until `shutdown`, within `limits`, then lets requests in flight
+/// finish for up to `limits.grace`.
 pub async fn serve_api(
     app: Router,
     addr: SocketAddr,
     tls: Option<(PathBuf, PathBuf)>,
+    limits: ServeLimits,
+    metrics: ApiMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    const GRACE: Duration = Duration::from_secs(10);
-    let handle = axum_server::Handle::new();
-    let graceful = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        graceful.graceful_shutdown(Some(GRACE));
-    });
-    let served = match tls {
+    let tls = match tls {
         Some((cert, key)) => {
             // One process-wide crypto provider; a second install attempt is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
                 .await
                 .map_err(|source| RunError::Tls { source })?;
-            axum_server::bind_rustls(addr, config)
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await
+            Some(config)
         }
-        None => {
-            axum_server::bind(addr)
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await
-        }
+        None => None,
     };
-    served.map_err(|source| RunError::Serve { addr, source })
+    let listener = bind(addr).await?;
+    api::serve(listener, app, tls, limits, metrics, shutdown).await;
+    Ok(())
 }
 
 pub async fn connect(url: &str) -> Result<DatabaseConnection, RunError> {

@@ -6,8 +6,10 @@ mod auth;
 pub mod changes;
 mod error;
 mod heartbeats;
+mod limits;
 mod objects;
 mod openapi;
+mod serve;
 mod views;
 
 use std::sync::Arc;
@@ -31,8 +33,12 @@ use uuid::Uuid;
 pub use auth::{AuthCache, AuthenticatedAgent};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
+pub use limits::RateLimit;
+pub use serve::{ServeLimits, serve};
 
+use crate::metrics::ApiMetrics;
 use crate::store::{EventReport, Store, StoreError, check_agent_version};
+use auth::AuthLimits;
 use heartbeats::Heartbeats;
 use objects::{CachedObject, ObjectCache};
 use views::AgentView;
@@ -51,7 +57,19 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// Deadline of every request but the long-poll, which gets `max_wait` more.
     pub request_timeout: Duration,
+    /// Requests of one agent key (after authentication), answered 429 beyond.
+    pub key_rate: RateLimit,
+    /// Database lookups of key prefixes that turn out unknown; beyond it, requests with
+    /// uncached keys are answered 429 without a query.
+    pub unknown_key_rate: RateLimit,
 }
+
+/// Per agent key: far above what an agent does (a long-poll at a time, a heartbeat every
+/// few seconds, a fetch per changed stack), so only a runaway or stolen key meets it.
+pub const DEFAULT_KEY_RATE: RateLimit = RateLimit::new(50.0, 500);
+
+/// Lookups of unknown keys: a restart's worth of mistyped keys, not a flood.
+pub const DEFAULT_UNKNOWN_KEY_RATE: RateLimit = RateLimit::new(10.0, 100);
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -59,6 +77,8 @@ impl Default for ApiConfig {
             heartbeat_interval: Duration::from_secs(15),
             max_wait: Duration::from_secs(MAX_WAIT_SECONDS),
             request_timeout: Duration::from_secs(30),
+            key_rate: DEFAULT_KEY_RATE,
+            unknown_key_rate: DEFAULT_UNKNOWN_KEY_RATE,
         }
     }
 }
@@ -70,6 +90,8 @@ pub struct ApiState {
     objects: Arc<ObjectCache>,
     heartbeats: Arc<Heartbeats>,
     config: Arc<ApiConfig>,
+    limits: Arc<AuthLimits>,
+    metrics: ApiMetrics,
 }
 
 impl ApiState {
@@ -80,8 +102,16 @@ impl ApiState {
             changes,
             objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
             heartbeats: Arc::default(),
+            limits: Arc::new(AuthLimits::new(config.key_rate, config.unknown_key_rate)),
             config: Arc::new(config),
+            metrics: ApiMetrics::default(),
         }
+    }
+
+    /// Records the API's limits into `metrics` (by default, into a registry of its own).
+    pub fn with_metrics(mut self, metrics: ApiMetrics) -> ApiState {
+        self.metrics = metrics;
+        self
     }
 }
 

@@ -29,11 +29,21 @@ fn responses(ok: (&str, &str), extra: &[(&str, &str)]) -> Value {
         ("400", "malformed request"),
         ("401", "missing, malformed or unknown agent key"),
         ("403", "the agent is suspended or deleted"),
+        (
+            "429",
+            "this agent key, or requests with unknown keys, went over their rate; wait the `Retry-After` header's seconds",
+        ),
         ("503", "the hub cannot serve the request now; retry later"),
     ];
     for (code, description) in common.iter().chain(extra) {
         let mut error = body("ApiError");
         error["description"] = (*description).into();
+        if *code == "429" {
+            error["headers"] = json!({"Retry-After": {
+                "description": "Seconds to wait before the next request",
+                "schema": {"type": "integer", "minimum": 1}
+            }});
+        }
         map.insert((*code).into(), error);
     }
     Value::Object(map)

@@ -1,0 +1,551 @@
+//! The agent API's serving limits against a real PostgreSQL, over real sockets where
+//! timing and connections matter: header-read and idle timeouts, the connection cap,
+//! per-key rate limits, and unknown keys that must not each cost a database query.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use brokkr_crds::wire::DesiredState;
+use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, RateLimit, ServeLimits};
+use brokkr_operator::keys::issue_key;
+use brokkr_operator::metrics::Metrics;
+use brokkr_operator::store::{AgentKey, AgentSync, Store};
+use brokkr_testdb::TestDb;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+struct Fixture {
+    _db: TestDb,
+    store: Store,
+    app: Router,
+    metrics: Metrics,
+    key: String,
+}
+
+async fn agent_with_key(store: &Store, name: &str) -> String {
+    let agent = store
+        .sync_agent(&AgentSync {
+            resource_uid: Uuid::new_v4(),
+            name,
+            cluster_name: "edge",
+            is_suspended: false,
+            labels: &[],
+            annotations: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let issued = issue_key();
+    store
+        .set_agent_key(
+            agent.id,
+            &AgentKey {
+                prefix: issued.prefix.clone(),
+                hash: issued.hash.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    issued.key
+}
+
+impl Fixture {
+    async fn new(config: ApiConfig) -> Fixture {
+        let db = TestDb::new().await;
+        let store = Store::new(db.conn().clone());
+        let changes = ChangeFeed::default();
+        tokio::spawn(changes.clone().listen(db.url().to_owned(), store.clone()));
+        let key = agent_with_key(&store, "edge-1").await;
+        let metrics = Metrics::default();
+        let app = api::app(
+            ApiState::new(store.clone(), changes, config).with_metrics(metrics.api.clone()),
+        );
+        // Give the notification listener a moment to subscribe.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Fixture {
+            _db: db,
+            store,
+            app,
+            metrics,
+            key,
+        }
+    }
+
+    /// Serves the app on 127.0.0.1 within `limits` until the test ends.
+    async fn serve(&self, limits: ServeLimits) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(api::serve(
+            listener,
+            self.app.clone(),
+            None,
+            limits,
+            self.metrics.api.clone(),
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    async fn call_as(&self, key: &str, uri: &str) -> (StatusCode, Option<String>, Value) {
+        let request = Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, retry_after, body)
+    }
+
+    async fn cursor(&self) -> String {
+        let (status, _, body) = self.call_as(&self.key, "/api/v1/agent/desired").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_value::<DesiredState>(body).unwrap().cursor
+    }
+
+    /// A value of the hub's `/metrics`, by the start of its line.
+    fn metric(&self, line: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+const LIMITS: ServeLimits = ServeLimits {
+    header_read_timeout: Duration::from_secs(1),
+    idle_timeout: Duration::from_secs(3),
+    max_connections: 100,
+    grace: Duration::from_secs(1),
+};
+
+async fn send_get(stream: &mut TcpStream, path: &str, key: &str) {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+}
+
+/// Reads one HTTP/1.1 response (with Content-Length): its status and body; `None` when
+/// the connection closes first.
+async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+            let status = head.split(' ').nth(1)?.parse().ok()?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buffer.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&buffer[end + 4..end + 4 + length]);
+                return Some((status, body.to_string()));
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// How long until the server closes `stream`, reading (and discarding) what it sends;
+/// `None` if it is still open after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test]
+async fn a_client_sending_its_headers_slowly_is_cut_after_the_header_timeout() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let addr = f.serve(LIMITS).await;
+
+    // One header line every 300 ms: the head would take 3 s, the timeout is 1 s. The idle
+    // timeout (3 s) must not be what applies to a request that has started.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /api/v1/agent/desired HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = slow.split();
+    let trickle = async {
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if writer
+                .write_all(format!("X-Slow-{i}: x\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let started = Instant::now();
+    let closed = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    let (closed_after, ()) = tokio::join!(closed, trickle);
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_millis(2500),
+        "a slow head was closed after {closed_after:?}, expected ~1 s"
+    );
+
+    // A connection that sends nothing at all owes its first head as well.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let closed_after = closed_within(&mut silent, Duration::from_secs(5))
+        .await
+        .expect("a silent connection is closed");
+    assert!(
+        closed_after < Duration::from_millis(2500),
+        "{closed_after:?}"
+    );
+    assert_eq!(
+        f.metric("brokkr_operator_api_connections_closed_total{reason=\"header_timeout\"}"),
+        2.0
+    );
+
+    // A prompt client is served as ever.
+    let mut prompt = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut prompt, "/api/v1/agent/desired", &f.key).await;
+    let (status, body) = read_response(&mut prompt).await.expect("an answer");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_long_poll_outlasts_both_timeouts_and_an_idle_connection_is_closed_after_the_idle_timeout()
+ {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let addr = f.serve(LIMITS).await;
+    let cursor = f.cursor().await;
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    send_get(
+        &mut stream,
+        &format!("/api/v1/agent/desired?since={cursor}&wait=4"),
+        &f.key,
+    )
+    .await;
+    let (status, body) = read_response(&mut stream)
+        .await
+        .expect("the long-poll is answered, not cut");
+    let answered = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        answered >= Duration::from_millis(3900),
+        "the long-poll returned after {answered:?}, before its wait"
+    );
+
+    // Kept alive: a second request on the same connection is served...
+    send_get(&mut stream, "/api/v1/agent/desired", &f.key).await;
+    let (status, _) = read_response(&mut stream).await.expect("kept alive");
+    assert_eq!(status, 200);
+    // ...and then, with nothing more to do, it is closed after the idle timeout (3 s), not
+    // after the header timeout (1 s).
+    let closed_after = closed_within(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an idle connection is closed");
+    assert!(
+        closed_after >= Duration::from_millis(2500) && closed_after < Duration::from_secs(6),
+        "an idle connection was closed after {closed_after:?}, expected ~3 s"
+    );
+    assert_eq!(
+        f.metric("brokkr_operator_api_connections_closed_total{reason=\"idle_timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        f.metric("brokkr_operator_api_connections_closed_total{reason=\"header_timeout\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let addr = f
+        .serve(ServeLimits {
+            max_connections: 2,
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
+            ..LIMITS
+        })
+        .await;
+    let cursor = f.cursor().await;
+    let long_poll = |wait: u64| format!("/api/v1/agent/desired?since={cursor}&wait={wait}");
+
+    let started = Instant::now();
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut first, &long_poll(2), &f.key).await;
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut second, &long_poll(20), &f.key).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The third connection is accepted by the kernel, but the hub does not serve it while
+    // two are open, although its request is a quick one.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut third, "/api/v1/agent/desired", &f.key).await;
+    let early = tokio::time::timeout(Duration::from_millis(1200), read_response(&mut third)).await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    assert_eq!(f.metric("brokkr_operator_api_connections "), 2.0);
+    assert!(f.metric("brokkr_operator_api_connection_cap_reached_total") >= 1.0);
+
+    // The first long-poll ends; its client closes the connection, which frees a place.
+    let (status, _) = read_response(&mut first).await.expect("first long-poll");
+    assert_eq!(status, 200);
+    drop(first);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), read_response(&mut third))
+        .await
+        .expect("served once a place is free")
+        .expect("an answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    drop(second);
+}
+
+#[tokio::test]
+async fn one_key_over_its_rate_gets_429_with_retry_after_while_another_key_is_served() {
+    let f = Fixture::new(ApiConfig {
+        key_rate: RateLimit::new(0.5, 3),
+        ..ApiConfig::default()
+    })
+    .await;
+    let other = agent_with_key(&f.store, "edge-2").await;
+    let uri = "/api/v1/agent/desired";
+
+    // Someone knowing the public prefix, without the secret, cannot spend the budget.
+    let prefix = brokkr_operator::keys::key_prefix(&f.key).unwrap();
+    let forged = format!("brokkr_{prefix}_{}", "x".repeat(40));
+    for _ in 0..10 {
+        let (status, _, _) = f.call_as(&forged, uri).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    for _ in 0..3 {
+        let (status, _, body) = f.call_as(&f.key, uri).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, retry_after, body) = f.call_as(&f.key, uri).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "too_many_requests");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    // One token per 2 s.
+    let retry_after: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+
+    // Every endpoint shares the key's budget.
+    let (status, _, _) = f
+        .call_as(
+            &f.key,
+            &format!("/api/v1/agent/deployment-objects/{}", Uuid::nil()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let (status, _, body) = f.call_as(&other, uri).await;
+    assert_eq!(status, StatusCode::OK, "another key is unaffected: {body}");
+    assert_eq!(
+        f.metric("brokkr_operator_api_requests_limited_total{reason=\"key_rate\"}"),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_keys_costs_a_bounded_number_of_queries_and_known_agents_are_served() {
+    let f = Fixture::new(ApiConfig {
+        unknown_key_rate: RateLimit::new(1.0, 5),
+        ..ApiConfig::default()
+    })
+    .await;
+    let uri = "/api/v1/agent/desired";
+    // A known agent, cached before the flood.
+    assert_eq!(f.call_as(&f.key, uri).await.0, StatusCode::OK);
+
+    let started = Instant::now();
+    let flood = (0..300).map(|_| {
+        let made_up = issue_key().key;
+        let f = &f;
+        async move { f.call_as(&made_up, uri).await }
+    });
+    let answers = futures::future::join_all(flood).await;
+    let elapsed = started.elapsed();
+    let count = |code| answers.iter().filter(|a| a.0 == code).count();
+    let (unauthorized, limited) = (
+        count(StatusCode::UNAUTHORIZED),
+        count(StatusCode::TOO_MANY_REQUESTS),
+    );
+    assert_eq!(unauthorized + limited, 300, "only 401 and 429");
+    for (status, retry_after, body) in &answers {
+        if *status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(retry_after.is_some(), "429 without Retry-After: {body}");
+            assert_eq!(body["error"], "too_many_requests");
+        }
+    }
+    // Queries: the burst (5), those already waiting for a lookup slot when it ran out (8),
+    // and the refill (1/s) while the flood lasted.
+    let lookups = f.metric("brokkr_operator_api_key_lookups_total{result=\"unknown\"}");
+    let bound = 5.0 + 8.0 + elapsed.as_secs_f64().ceil() + 1.0;
+    assert!(
+        lookups >= 5.0 && lookups <= bound,
+        "{lookups} lookups for 300 unknown keys in {elapsed:?}, expected at most {bound}"
+    );
+    assert_eq!(unauthorized as f64, lookups);
+    assert_eq!(
+        f.metric("brokkr_operator_api_requests_limited_total{reason=\"unknown_keys\"}"),
+        limited as f64
+    );
+    // The known agent is served throughout.
+    assert_eq!(f.call_as(&f.key, uri).await.0, StatusCode::OK);
+
+    // The same unknown key again and again is one query, then answered from the cache.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let made_up = issue_key().key;
+    let before = f.metric("brokkr_operator_api_key_lookups_total{result=\"unknown\"}");
+    for _ in 0..50 {
+        assert_eq!(f.call_as(&made_up, uri).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let after = f.metric("brokkr_operator_api_key_lookups_total{result=\"unknown\"}");
+    assert_eq!(after - before, 1.0);
+    assert_eq!(
+        f.metric("brokkr_operator_api_unknown_keys_cached_total"),
+        49.0
+    );
+
+    // A key issued after its prefix was cached as unknown works at once: any key change
+    // drops those entries (they would otherwise last 30 s).
+    let prefix = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let late_key = format!("brokkr_{prefix}_{}", "z".repeat(40));
+    assert_eq!(f.call_as(&late_key, uri).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.call_as(&late_key, uri).await.0, StatusCode::UNAUTHORIZED);
+    let late = f
+        .store
+        .sync_agent(&AgentSync {
+            resource_uid: Uuid::new_v4(),
+            name: "edge-late",
+            cluster_name: "edge",
+            is_suspended: false,
+            labels: &[],
+            annotations: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    f.store
+        .set_agent_key(
+            late.id,
+            &AgentKey {
+                prefix,
+                hash: brokkr_operator::keys::hash_key(&late_key),
+            },
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.call_as(&late_key, uri).await.0 != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "a new key is still refused as unknown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_is_served_within_the_same_limits() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("brokkr-tls-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl makes the test certificate");
+    assert!(made.status.success(), "{made:?}");
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(
+        listener,
+        f.app.clone(),
+        Some(config),
+        LIMITS,
+        f.metrics.api.clone(),
+        std::future::pending(),
+    ));
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!(
+            "https://127.0.0.1:{}/api/v1/agent/desired",
+            addr.port()
+        ))
+        .bearer_auth(&f.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+
+    // A client that never completes the handshake is closed after the header timeout.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    let closed_after = closed_within(&mut stalled, Duration::from_secs(5))
+        .await
+        .expect("a stalled handshake is closed");
+    assert!(
+        closed_after < Duration::from_millis(2500),
+        "{closed_after:?}"
+    );
+    assert_eq!(
+        f.metric("brokkr_operator_api_connections_closed_total{reason=\"tls_handshake\"}"),
+        1.0
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
