@@ -53,6 +53,9 @@ pub mod reasons {
     pub const INVALID_MANIFEST: &str = "InvalidManifest";
     /// The content was recorded as a deployment object.
     pub const RECORDED: &str = "Recorded";
+    /// The deleted Stack was released after `--deletion-timeout` without every removal
+    /// report (agents silent, or the database unreachable).
+    pub const DELETION_TIMED_OUT: &str = "DeletionTimedOut";
     /// No agent is targeted by any AgentTarget.
     pub const NO_TARGETS: &str = "NoTargets";
     /// Some targeted agents have not applied the current deployment object yet.

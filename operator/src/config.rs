@@ -27,99 +27,120 @@ pub enum Command {
     Crd,
 }
 
+// Every flag is global: users type them after `run` as often as before it.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// PostgreSQL URL, e.g. postgres://brokkr:secret@postgres:5432/brokkr
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Namespace of the agents' key Secrets and the leader lease [default: the pod's
     /// namespace, else brokkr-system]
-    #[arg(long, env = "BROKKR_NAMESPACE")]
+    #[arg(long, global = true, env = "BROKKR_NAMESPACE")]
     pub namespace: Option<String>,
 
     /// Address of /metrics, /healthz and /readyz
-    #[arg(long, env = "BROKKR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        global = true,
+        env = "BROKKR_METRICS_ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_addr: SocketAddr,
 
     /// Address of the agent API (/api/v1/agent/*)
-    #[arg(long, env = "BROKKR_API_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "BROKKR_API_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     pub api_addr: SocketAddr,
 
     /// PEM certificate chain to serve the agent API over TLS (with --tls-key)
-    #[arg(long, env = "BROKKR_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "BROKKR_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
 
     /// PEM private key for --tls-cert
-    #[arg(long, env = "BROKKR_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "BROKKR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
     /// Time a client has to send a request's headers (and to finish a TLS handshake) on
     /// the agent API; slower connections are closed
-    #[arg(long, env = "BROKKR_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub api_header_read_timeout: Duration,
 
     /// Time an agent API connection may stay open between requests; a request in flight
     /// (a long-poll) is never cut by it
-    #[arg(long, env = "BROKKR_API_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_API_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub api_idle_timeout: Duration,
 
     /// Agent API connections served at once; more wait in the listen backlog (~30 KiB each)
-    #[arg(long, env = "BROKKR_API_MAX_CONNECTIONS", default_value_t = 25_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "BROKKR_API_MAX_CONNECTIONS",
+        default_value_t = 25_000
+    )]
     pub api_max_connections: usize,
 
     /// Requests per second one agent key may make on average; more get 429 with
     /// Retry-After (0: no limit)
-    #[arg(long, env = "BROKKR_API_KEY_RATE", default_value_t = crate::api::DEFAULT_KEY_RATE.per_second)]
+    #[arg(long, global = true, env = "BROKKR_API_KEY_RATE", default_value_t = crate::api::DEFAULT_KEY_RATE.per_second)]
     pub api_key_rate: f64,
 
     /// Requests one agent key may make in a burst above --api-key-rate
-    #[arg(long, env = "BROKKR_API_KEY_BURST", default_value_t = crate::api::DEFAULT_KEY_RATE.burst)]
+    #[arg(long, global = true, env = "BROKKR_API_KEY_BURST", default_value_t = crate::api::DEFAULT_KEY_RATE.burst)]
     pub api_key_burst: u32,
 
     /// Lookups per second of agent keys the hub does not know; beyond, requests with keys
     /// not yet cached get 429 without a database query (0: no limit)
-    #[arg(long, env = "BROKKR_API_UNKNOWN_KEY_RATE", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.per_second)]
+    #[arg(long, global = true, env = "BROKKR_API_UNKNOWN_KEY_RATE", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.per_second)]
     pub api_unknown_key_rate: f64,
 
     /// Lookups of unknown agent keys allowed in a burst above --api-unknown-key-rate
-    #[arg(long, env = "BROKKR_API_UNKNOWN_KEY_BURST", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.burst)]
+    #[arg(long, global = true, env = "BROKKR_API_UNKNOWN_KEY_BURST", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.burst)]
     pub api_unknown_key_burst: u32,
 
     /// Interval at which agents send heartbeats; three missed ones mark an agent Offline
-    #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
     /// Create or update the CRDs at start
-    #[arg(long, env = "BROKKR_INSTALL_CRDS")]
+    #[arg(long, global = true, env = "BROKKR_INSTALL_CRDS")]
     pub install_crds: bool,
 
     /// How long a deleted Stack waits for its agents to report the removal (e.g. 300s, 5m)
-    #[arg(long, env = "BROKKR_DELETION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_DELETION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub deletion_timeout: Duration,
 
     /// How often Stack and AgentTarget status is refreshed from the database
-    #[arg(long, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_duration)]
     pub status_refresh: Duration,
 
     /// Reconcile Generators, Stacks and AgentTargets of this namespace only [default: all]
-    #[arg(long, env = "BROKKR_WATCH_NAMESPACE")]
+    #[arg(long, global = true, env = "BROKKR_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
     /// Reconcile only the Agents matching this label selector, e.g. fleet=eu [default: all]
-    #[arg(long, env = "BROKKR_AGENT_SELECTOR")]
+    #[arg(long, global = true, env = "BROKKR_AGENT_SELECTOR")]
     pub agent_selector: Option<String>,
 
     /// Name of the coordination.k8s.io Lease the replicas elect a leader with
-    #[arg(long, env = "BROKKR_LEASE_NAME", default_value = "brokkr-operator")]
+    #[arg(
+        long,
+        global = true,
+        env = "BROKKR_LEASE_NAME",
+        default_value = "brokkr-operator"
+    )]
     pub lease_name: String,
 
     /// This replica's identity in the lease [default: $POD_NAME, else the host name]
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, global = true, env = "POD_NAME")]
     pub identity: Option<String>,
 
     /// Log as JSON lines
-    #[arg(long, env = "BROKKR_LOG_JSON")]
+    #[arg(long, global = true, env = "BROKKR_LOG_JSON")]
     pub log_json: bool,
 }
 
@@ -194,5 +215,48 @@ mod tests {
         assert_eq!(cli.run.deletion_timeout, Duration::from_secs(120));
         let cli = Cli::try_parse_from(["brokkr-operator", "crd"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Crd)));
+    }
+
+    #[test]
+    fn flags_are_accepted_before_and_after_the_subcommand() {
+        for args in [
+            &[
+                "brokkr-operator",
+                "run",
+                "--database-url",
+                "postgres://db/x",
+                "--deletion-timeout",
+                "2m",
+            ][..],
+            &[
+                "brokkr-operator",
+                "--database-url",
+                "postgres://db/x",
+                "run",
+                "--deletion-timeout",
+                "2m",
+            ],
+            &[
+                "brokkr-operator",
+                "--database-url",
+                "postgres://db/x",
+                "--deletion-timeout",
+                "2m",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(
+                cli.run.database_url.as_deref(),
+                Some("postgres://db/x"),
+                "{args:?}"
+            );
+            assert_eq!(
+                cli.run.deletion_timeout,
+                Duration::from_secs(120),
+                "{args:?}"
+            );
+        }
+        let err = Cli::try_parse_from(["brokkr-operator", "run", "--no-such-flag"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }

@@ -35,6 +35,12 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 14))
         });
         let leader = Gauge::default();
+        let target_shrinks_confirmed = Counter::default();
+        registry.register(
+            "target_shrinks_confirmed",
+            "Steps removing more than half of a stack's targets, recomputed from the API server before being written",
+            target_shrinks_confirmed.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",

@@ -485,6 +485,100 @@ async fn agent_targets_follow_names_selectors_and_label_changes() {
     hub.stop().await;
 }
 
+/// A restarted hub starts with empty caches; an AgentTarget reconciled before the
+/// Agents are listed used to write an empty target set, which makes every agent
+/// delete the stack's objects (Namespaces and PVCs included) and apply them again.
+#[tokio::test]
+async fn restarting_the_controllers_never_shrinks_or_rewrites_a_target_set() {
+    use brokkr_operator::entity::agent_targets;
+    use sea_orm::{ColumnTrait, QueryFilter};
+
+    const AGENTS: usize = 30;
+    let mut hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    for n in 0..AGENTS {
+        hub.create_agent(&format!("edge-{n}"), &[("fleet", "edge")])
+            .await;
+    }
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                "edges",
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef {
+                        name: "shop".into(),
+                    },
+                    agent_selector: Some(
+                        serde_yaml::from_str("matchLabels: {fleet: edge}").unwrap(),
+                    ),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let conn = hub.db.conn().clone();
+    let rows = move || {
+        let db = conn.clone();
+        async move {
+            agent_targets::Entity::find()
+                .filter(agent_targets::Column::StackId.eq(stack_row.id))
+                .all(&db)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|row| row.id)
+                .collect::<BTreeSet<_>>()
+        }
+    };
+    let before = eventually_within(Duration::from_secs(60), "every agent targeted", || async {
+        let rows = rows().await;
+        (rows.len() == AGENTS).then_some(rows)
+    })
+    .await;
+
+    // Watch the set from the database while the controllers restart.
+    let (done, mut finished) = oneshot::channel::<()>();
+    let db = hub.db.conn().clone();
+    let watcher = tokio::spawn(async move {
+        let mut smallest = usize::MAX;
+        loop {
+            let count = agent_targets::Entity::find()
+                .filter(agent_targets::Column::StackId.eq(stack_row.id))
+                .all(&db)
+                .await
+                .unwrap()
+                .len();
+            smallest = smallest.min(count);
+            if finished.try_recv().is_ok() {
+                return smallest;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    // Agents are listed slowly (a big fleet), so AgentTargets are reconciled first.
+    let slow = hub
+        .client_with_slow_lists("agents", Duration::from_millis(1500))
+        .await;
+    for _ in 0..3 {
+        hub.restart_controllers_with(slow.clone()).await;
+        // Long enough for the AgentTarget to be reconciled after the restart.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let _ = done.send(());
+    let smallest = watcher.await.unwrap();
+    assert_eq!(smallest, AGENTS, "the target set shrank during a restart");
+    assert_eq!(
+        rows().await,
+        before,
+        "target rows were deleted and re-inserted"
+    );
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn agent_targets_naming_missing_stacks_or_agents_say_so() {
     let hub = Hub::start().await;
@@ -678,6 +772,72 @@ async fn a_deleted_stack_is_released_after_the_deletion_timeout_with_an_event() 
         note.contains(&agent.name_any()),
         "names who never reported: {note}"
     );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_stack_is_released_after_the_timeout_even_while_postgresql_is_down() {
+    let hub = Hub::start_with(Duration::from_secs(3), Duration::from_millis(500)).await;
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let agent = hub.create_agent("silent", &[]).await;
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                "silent",
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef {
+                        name: "shop".into(),
+                    },
+                    agents: vec![agent.name_any()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    eventually("agent targeted", || async {
+        let targets = hub
+            .store
+            .stack_target_agent_ids(stack_row.id)
+            .await
+            .unwrap();
+        (!targets.is_empty()).then_some(())
+    })
+    .await;
+
+    hub.db.refuse_connections().await;
+    let api = hub.api::<Stack>();
+    api.delete("shop", &DeleteParams::default()).await.unwrap();
+    // Before the timeout, the finalizer holds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(api.get_opt("shop").await.unwrap().is_some());
+    eventually_within(
+        Duration::from_secs(30),
+        "released after the timeout without the database",
+        || async {
+            api.get_opt("shop")
+                .await
+                .ok()
+                .and_then(|s| s.is_none().then_some(()))
+        },
+    )
+    .await;
+    let note = eventually("DeletionTimedOut event", || async {
+        hub.warning_events_for("shop")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
+            .and_then(|e| e.note)
+    })
+    .await;
+    assert!(
+        note.contains("without knowing which agents removed it"),
+        "says why: {note}"
+    );
+    hub.db.accept_connections().await;
     hub.stop().await;
 }
 

@@ -65,6 +65,36 @@ impl TestDb {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// Makes the database unreachable as an outage would: every connection to it is
+    /// ended and new ones are refused (superusers included) until
+    /// [`TestDb::accept_connections`]. The server and other tests' databases go on.
+    pub async fn refuse_connections(&self) {
+        self.admin(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+            name = self.name
+        ))
+        .await;
+    }
+
+    /// Ends a [`TestDb::refuse_connections`] outage.
+    pub async fn accept_connections(&self) {
+        self.admin(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .await;
+    }
+
+    async fn admin(&self, sql: &str) {
+        let admin = connect(&self.admin_url).await;
+        admin
+            .execute_unprepared(sql)
+            .await
+            .unwrap_or_else(|e| panic!("failed to run {sql:?} on the test server: {e}"));
+        admin.close().await.ok();
+    }
 }
 
 impl Drop for TestDb {

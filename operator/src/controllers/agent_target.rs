@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
 use brokkr_crds::{Agent, AgentTarget, AgentTargetStatus, Stack};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use tracing::instrument;
+use tracing::{info, instrument};
 
 use super::{Context, Error, Result, apply_status, publish, resource_uid, with_finalizer};
 use crate::selector;
@@ -96,6 +97,7 @@ async fn apply(target: Arc<AgentTarget>, ctx: &Context, api: Api<AgentTarget>) -
         return Ok(Action::await_change());
     }
 
+    ctx.caches.wait_until_complete().await?;
     let agents = ctx.caches.agents.state();
     let expansion = expand(&target, &agents);
     status.matched_agents = expansion.matched.len() as i32;
@@ -186,6 +188,11 @@ async fn apply(target: Arc<AgentTarget>, ctx: &Context, api: Api<AgentTarget>) -
 
 /// Recomputes the Stack's target set from every AgentTarget naming it (but `leaving`,
 /// which is being deleted) and writes it.
+///
+/// A wrong empty set deletes the stack from every spoke, so the set is computed only
+/// from caches that hold a complete list, and a step that removes more than half of
+/// the current targets is recomputed from a fresh list of the API server before it
+/// is written.
 async fn sync_stack_targets(
     ctx: &Context,
     namespace: &str,
@@ -193,9 +200,61 @@ async fn sync_stack_targets(
     stack_id: uuid::Uuid,
     leaving: Option<&str>,
 ) -> Result<()> {
-    let agents = ctx.caches.agents.state();
+    ctx.caches.wait_until_complete().await?;
+    let cached_targets = ctx.caches.agent_targets.state();
+    let selected = selected_agent_uids(
+        cached_targets.iter().map(|t| &**t),
+        &ctx.caches.agents.state(),
+        namespace,
+        stack_name,
+        leaving,
+    );
+    let mut agent_ids = live_agent_ids(ctx, &selected).await?;
+    let current = ctx.store.stack_target_agent_ids(stack_id).await?;
+    if is_large_shrink(&current, &agent_ids) {
+        let targets: Api<AgentTarget> = Api::namespaced(ctx.client.clone(), namespace);
+        let fresh_targets = targets.list(&ListParams::default()).await?;
+        let fresh_agents: Vec<Arc<Agent>> = ctx
+            .config
+            .agents_api(&ctx.client)
+            .list(&ctx.config.agent_list_params())
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let selected = selected_agent_uids(
+            fresh_targets.iter(),
+            &fresh_agents,
+            namespace,
+            stack_name,
+            leaving,
+        );
+        agent_ids = live_agent_ids(ctx, &selected).await?;
+        info!(
+            stack = %format!("{namespace}/{stack_name}"),
+            targets = current.len(),
+            cached = selected.len(),
+            confirmed = agent_ids.len(),
+            "a large shrink of a stack's targets was recomputed from the API server"
+        );
+        ctx.metrics.target_shrinks_confirmed.inc();
+    }
+    ctx.store
+        .replace_stack_targets(stack_id, &agent_ids)
+        .await?;
+    Ok(())
+}
+
+/// Resource uids of the Agents that the AgentTargets naming the Stack select: pure.
+pub fn selected_agent_uids<'a>(
+    targets: impl IntoIterator<Item = &'a AgentTarget>,
+    agents: &[Arc<Agent>],
+    namespace: &str,
+    stack_name: &str,
+    leaving: Option<&str>,
+) -> BTreeSet<uuid::Uuid> {
     let mut resource_uids = BTreeSet::new();
-    for target in ctx.caches.agent_targets.state() {
+    for target in targets {
         let names_stack = target.namespace().as_deref() == Some(namespace)
             && target.spec.stack_ref.name == stack_name
             && target.metadata.deletion_timestamp.is_none()
@@ -203,23 +262,32 @@ async fn sync_stack_targets(
         if !names_stack || target.spec.validate().is_err() {
             continue;
         }
-        for uid in expand(&target, &agents).matched.into_values() {
+        for uid in expand(target, agents).matched.into_values() {
             if let Ok(uid) = uuid::Uuid::parse_str(&uid) {
                 resource_uids.insert(uid);
             }
         }
     }
-    let agent_ids = ctx
+    resource_uids
+}
+
+/// Whether going from `current` to `next` removes more than half of the targets: pure.
+pub fn is_large_shrink(current: &BTreeSet<uuid::Uuid>, next: &BTreeSet<uuid::Uuid>) -> bool {
+    let removed = current.difference(next).count();
+    removed * 2 > current.len()
+}
+
+async fn live_agent_ids(
+    ctx: &Context,
+    resource_uids: &BTreeSet<uuid::Uuid>,
+) -> Result<BTreeSet<uuid::Uuid>> {
+    Ok(ctx
         .store
-        .live_agents_by_resources(&resource_uids)
+        .live_agents_by_resources(resource_uids)
         .await?
         .into_iter()
         .map(|row| row.id)
-        .collect();
-    ctx.store
-        .replace_stack_targets(stack_id, &agent_ids)
-        .await?;
-    Ok(())
+        .collect())
 }
 
 async fn finish(
@@ -323,6 +391,46 @@ mod tests {
         let expansion = expand(&t, &agents);
         assert_eq!(expansion.missing, vec!["ghost".to_owned()]);
         assert_eq!(expansion.matched.len(), 1);
+    }
+
+    #[test]
+    fn removing_more_than_half_of_the_targets_is_a_large_shrink() {
+        let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+        let set = |range: std::ops::Range<usize>| ids[range].iter().copied().collect();
+        assert!(is_large_shrink(&set(0..4), &set(0..0)));
+        assert!(is_large_shrink(&set(0..4), &set(0..1)));
+        // Half is not more than half; replacing targets counts the removed ones.
+        assert!(!is_large_shrink(&set(0..4), &set(0..2)));
+        assert!(is_large_shrink(&set(0..4), &set(3..4)));
+        assert!(!is_large_shrink(&set(0..0), &set(0..0)));
+        assert!(!is_large_shrink(&set(0..2), &set(0..4)));
+    }
+
+    #[test]
+    fn only_live_valid_targets_of_the_stack_select_agents() {
+        let agents = [agent("edge-1", &[("env", "prod")]), agent("edge-2", &[])];
+        let mut of_stack = target("stackRef: {name: app}\nagents: [edge-1]\n");
+        of_stack.metadata.namespace = Some("ns".into());
+        of_stack.metadata.uid = Some("t-1".into());
+        let mut other_stack = target("stackRef: {name: db}\nagents: [edge-2]\n");
+        other_stack.metadata.namespace = Some("ns".into());
+        let mut other_namespace = target("stackRef: {name: app}\nagents: [edge-2]\n");
+        other_namespace.metadata.namespace = Some("elsewhere".into());
+        let all = [of_stack.clone(), other_stack, other_namespace];
+        // Agent uids in these fixtures are not UUIDs; give them real ones.
+        let agents: Vec<Arc<Agent>> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let mut a = (**a).clone();
+                a.metadata.uid = Some(uuid::Uuid::from_u128(i as u128 + 1).to_string());
+                Arc::new(a)
+            })
+            .collect();
+        let selected = selected_agent_uids(all.iter(), &agents, "ns", "app", None);
+        assert_eq!(selected, BTreeSet::from([uuid::Uuid::from_u128(1)]));
+        // The AgentTarget being deleted selects nothing.
+        assert!(selected_agent_uids(all.iter(), &agents, "ns", "app", Some("t-1")).is_empty());
     }
 
     #[test]

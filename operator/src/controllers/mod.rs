@@ -50,6 +50,19 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// The Agents this hub watches (cluster-scoped; filtered by `agent_list_params`).
+    fn agents_api(&self, client: &Client) -> Api<Agent> {
+        Api::all(client.clone())
+    }
+
+    /// Lists exactly the Agents the controllers watch.
+    fn agent_list_params(&self) -> kube::api::ListParams {
+        match &self.agent_selector {
+            Some(selector) => kube::api::ListParams::default().labels(selector),
+            None => kube::api::ListParams::default(),
+        }
+    }
+
     fn namespaced<K>(&self, client: &Client) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -79,6 +92,28 @@ struct Caches {
     stacks: Cache<Stack>,
 }
 
+/// How long a reconcile waits for the caches it reads to hold their first full list.
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+impl Caches {
+    /// Waits until the Agent and AgentTarget caches hold a complete list.
+    ///
+    /// kube-runtime starts a controller once its *own* cache is listed, not the caches
+    /// it reads from other controllers; before they are, an AgentTarget would select no
+    /// Agents and empty its Stack's target set. After the first list a re-list swaps in
+    /// atomically, so a ready cache is never partial.
+    async fn wait_until_complete(&self) -> Result<()> {
+        let ready = async {
+            self.agents.wait_until_ready().await?;
+            self.agent_targets.wait_until_ready().await
+        };
+        match tokio::time::timeout(CACHE_SYNC_WAIT, ready).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Error::CachesNotSynced),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("failed to read or write the database")]
@@ -89,6 +124,10 @@ pub enum Error {
     MissingMetadata(&'static str),
     #[error("waiting for agents to report the deletion")]
     DeletionPending,
+    #[error("the database did not answer in time")]
+    DatabaseTimeout,
+    #[error("waiting for the first complete list of Agents and AgentTargets")]
+    CachesNotSynced,
     #[error(transparent)]
     Finalizer(#[from] Box<finalizer::Error<Error>>),
 }
@@ -97,13 +136,13 @@ impl Error {
     /// Whether this is the normal state of waiting, not a failure worth an Event.
     fn is_waiting(&self) -> bool {
         match self {
-            Error::DeletionPending => true,
-            Error::Finalizer(inner) => {
-                matches!(
-                    **inner,
-                    finalizer::Error::CleanupFailed(Error::DeletionPending)
-                )
-            }
+            Error::DeletionPending | Error::CachesNotSynced => true,
+            Error::Finalizer(inner) => match &**inner {
+                finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => {
+                    err.is_waiting()
+                }
+                _ => false,
+            },
             _ => false,
         }
     }

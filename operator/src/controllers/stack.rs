@@ -75,7 +75,8 @@ pub fn plan(stack: &Stack, labels: &[String]) -> Plan {
         _ => return Plan::Suspended,
     };
     match rendered {
-        Ok(rendered) => Plan::Record(rendered),
+        // The agents' policy is part of the content, so that changing it is a new revision.
+        Ok(rendered) => Plan::Record(rendered.with_policy(&stack.spec.policy())),
         Err(err) => Plan::Refuse {
             reason: reasons::INVALID_MANIFEST,
             message: err.to_string(),
@@ -300,60 +301,112 @@ async fn ensure_owner(stack: &Stack, generator: &Generator, api: &Api<Stack>) ->
     Ok(())
 }
 
+/// How long, once the deletion timeout is reached, the cleanup still waits for an
+/// answer from the database before releasing the Stack without one.
+const DATABASE_WAIT_AFTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
+    let deleting_for = || {
+        stack
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .and_then(|t| {
+                let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                std::time::Duration::try_from(elapsed).ok()
+            })
+            .unwrap_or_default()
+    };
+    // Whatever is down, the deletion ends after the timeout: the database is asked
+    // first, but neither its failure nor its silence holds the release past then.
+    let time_left = ctx.config.deletion_timeout.saturating_sub(deleting_for());
+    let asked = tokio::time::timeout(
+        time_left.max(DATABASE_WAIT_AFTER_TIMEOUT),
+        agents_yet_to_remove(&stack, ctx),
+    )
+    .await;
+    let waiting = match asked {
+        Ok(Ok(waiting)) if waiting.is_empty() => return Ok(Action::await_change()),
+        Ok(Ok(waiting)) => Ok(waiting),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(Error::DatabaseTimeout),
+    };
+    if deleting_for() < ctx.config.deletion_timeout {
+        return match waiting {
+            Ok(waiting) => {
+                tracing::debug!(waiting = ?waiting, "waiting for agents to remove the stack");
+                Err(Error::DeletionPending)
+            }
+            Err(err) => Err(err),
+        };
+    }
+    let why = match &waiting {
+        Ok(waiting) => format!("without a removal report from: {}", waiting.join(", ")),
+        Err(err) => format!(
+            "without knowing which agents removed it ({})",
+            super::error_chain(err)
+        ),
+    };
+    let message = format!(
+        "released after {}s {why}",
+        ctx.config.deletion_timeout.as_secs()
+    );
+    publish(
+        ctx,
+        &stack.object_ref(&()),
+        EventType::Warning,
+        reasons::DELETION_TIMED_OUT,
+        "Delete",
+        message.clone(),
+    )
+    .await;
+    // Best effort: the Stack is gone a moment later, but watchers see why.
+    let mut status = stack.status.clone().unwrap_or_default();
+    let condition = brokkr_crds::conditions::new_condition(
+        types::READY,
+        false,
+        reasons::DELETION_TIMED_OUT,
+        message,
+        stack.metadata.generation,
+        now(),
+    );
+    if brokkr_crds::conditions::set_condition(&mut status.conditions, condition)
+        && let Some(namespace) = stack.namespace()
+    {
+        let api: Api<Stack> = Api::namespaced(ctx.client.clone(), &namespace);
+        if let Err(err) = apply_status(&api, &stack, &status).await {
+            tracing::debug!(error = %super::error_chain(&err), "could not record the timed-out deletion");
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// Names of the targeted agents that have not reported removing the deleted Stack;
+/// soft-deletes its row (which writes the deletion marker) on the way.
+async fn agents_yet_to_remove(stack: &Stack, ctx: &Context) -> Result<Vec<String>> {
     let Some(row) = ctx
         .store
-        .find_newest_stack_by_resource(resource_uid(&*stack)?)
+        .find_newest_stack_by_resource(resource_uid(stack)?)
         .await?
     else {
-        return Ok(Action::await_change());
+        return Ok(Vec::new());
     };
     if row.deleted_at.is_none() {
         ctx.store.soft_delete_stack(row.id).await?;
     }
     let Some(marker) = ctx.store.current_deployment_object(row.id).await? else {
-        return Ok(Action::await_change());
+        return Ok(Vec::new());
     };
     let agents = ctx.store.stack_status(row.id, marker.id).await?;
-    let waiting: Vec<&str> = agents
-        .iter()
+    Ok(agents
+        .into_iter()
         .filter(|a| {
             !a.outcome.as_ref().is_some_and(|o| {
                 o.event_type == "Delete" && o.status == EventStatus::Success.as_str()
             })
         })
-        .map(|a| a.agent_name.as_str())
-        .collect();
-    if waiting.is_empty() {
-        return Ok(Action::await_change());
-    }
-    let deleting_for = stack
-        .metadata
-        .deletion_timestamp
-        .as_ref()
-        .and_then(|t| {
-            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
-            std::time::Duration::try_from(elapsed).ok()
-        })
-        .unwrap_or_default();
-    if deleting_for >= ctx.config.deletion_timeout {
-        publish(
-            ctx,
-            &stack.object_ref(&()),
-            EventType::Warning,
-            "DeletionTimedOut",
-            "Delete",
-            format!(
-                "released after {}s without a removal report from: {}",
-                ctx.config.deletion_timeout.as_secs(),
-                waiting.join(", ")
-            ),
-        )
-        .await;
-        return Ok(Action::await_change());
-    }
-    tracing::debug!(waiting = ?waiting, "waiting for agents to remove the stack");
-    Err(Error::DeletionPending)
+        .map(|a| a.agent_name)
+        .collect())
 }
 
 #[cfg(test)]

@@ -18,11 +18,49 @@ use kubesim::testing::{TestCluster, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use tokio::sync::oneshot;
 
+/// Delays the answers to LIST requests of one resource (see [`Hub::client_with_slow_lists`]).
+struct SlowLists<S> {
+    inner: S,
+    plural: &'static str,
+    delay: Duration,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for SlowLists<S>
+where
+    S: tower::Service<axum::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let is_list = request.method() == axum::http::Method::GET
+            && request.uri().path().ends_with(&format!("/{}", self.plural))
+            && !request.uri().query().unwrap_or_default().contains("watch=");
+        let delay = if is_list { self.delay } else { Duration::ZERO };
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer.await
+        })
+    }
+}
+
 pub struct Hub {
     pub cluster: TestCluster,
     pub db: TestDb,
     pub store: Store,
     pub agent_label: String,
+    config: ControllerConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -57,24 +95,71 @@ impl Hub {
             heartbeat_interval: Duration::from_secs(1),
             database_url: Some(db.url().to_owned()),
         };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controllers::run(
-            cluster.client.clone(),
-            store.clone(),
-            config,
-            Metrics::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Hub {
+        let mut hub = Hub {
             cluster,
             db,
             store,
             agent_label,
-            stop: Some(stop),
-            task: Some(task),
+            config,
+            stop: None,
+            task: None,
+        };
+        hub.start_controllers();
+        hub
+    }
+
+    fn start_controllers(&mut self) {
+        self.start_controllers_with(self.cluster.client.clone());
+    }
+
+    fn start_controllers_with(&mut self, client: kube::Client) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.stop = Some(stop);
+        self.task = Some(tokio::spawn(controllers::run(
+            client,
+            self.store.clone(),
+            self.config.clone(),
+            Metrics::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        )));
+    }
+
+    /// Stops the controllers as a hub shutdown does and starts new ones, with empty
+    /// caches, against the same API server and database, through `client`.
+    pub async fn restart_controllers_with(&mut self, client: kube::Client) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.start_controllers_with(client);
+    }
+
+    /// A client of this test's cluster whose LISTs of `plural` (not its watches) are
+    /// answered `delay` late, as by a slow or large API server: client-side, so it
+    /// works the same on kubesim and on a real cluster.
+    pub async fn client_with_slow_lists(
+        &self,
+        plural: &'static str,
+        delay: Duration,
+    ) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.cluster.kubeconfig())
+            .expect("read the test cluster's kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("a client config for the test cluster");
+        let builder = kube::client::ClientBuilder::try_from(config).expect("a client builder");
+        builder
+            .with_layer(&tower::layer::layer_fn(move |inner| SlowLists {
+                inner,
+                plural,
+                delay,
+            }))
+            .build()
     }
 
     /// Serves the agent API for this hub's database on 127.0.0.1; returns its URL.
