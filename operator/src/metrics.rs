@@ -24,6 +24,8 @@ pub struct Metrics {
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     pub leader: Gauge,
     pub api: ApiMetrics,
+    /// Large shrinks of a stack's target set recomputed from the API server first.
+    pub target_shrinks_confirmed: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,7 @@ impl Default for Metrics {
             reconcile_seconds,
             leader,
             api,
+            target_shrinks_confirmed,
         }
     }
 }
