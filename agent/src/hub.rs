@@ -1,5 +1,7 @@
 //! The HTTP client of the hub's agent API (`/api/v1/agent/*`), with typed errors.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brokkr_crds::wire::{
@@ -7,6 +9,7 @@ use brokkr_crds::wire::{
     HeartbeatAck, MAX_WAIT_SECONDS,
 };
 use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -14,6 +17,10 @@ use crate::config::AgentKey;
 
 /// Time allowed for a request beyond its long-poll wait.
 const REQUEST_SLACK: Duration = Duration::from_secs(30);
+
+/// Longest pause a `Retry-After` can impose, so a misconfigured proxy cannot silence the
+/// agent (and have it marked Offline) for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Which hub endpoint a request went to; a label of the hub error metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +57,8 @@ pub enum HubError {
         status: StatusCode,
         error: String,
         message: String,
+        /// The hub's `Retry-After` (429, 503), capped at [`MAX_RETRY_AFTER`].
+        retry_after: Option<Duration>,
     },
     #[error("failed to decode the hub's answer at {endpoint}")]
     Decode {
@@ -70,6 +79,15 @@ impl HubError {
         }
     }
 
+    /// How long the hub asked to wait before the next request of this kind. The client
+    /// itself holds that request back, so callers need not.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HubError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The key was refused, or the agent is suspended or deleted (401/403).
     pub fn is_auth(&self) -> bool {
         matches!(
@@ -79,12 +97,16 @@ impl HubError {
     }
 }
 
-/// A client of one hub, authenticating as one agent.
+/// A client of one hub, authenticating as one agent. Clones share the pauses the hub asked
+/// for with `Retry-After`: after one, the next request of that kind (desired state,
+/// deployment object, events or heartbeat) waits until it has passed, whichever task sends
+/// it.
 #[derive(Clone, Debug)]
 pub struct HubClient {
     http: reqwest::Client,
     base: String,
     key: AgentKey,
+    paused: Arc<Mutex<HashMap<Endpoint, tokio::time::Instant>>>,
 }
 
 impl HubClient {
@@ -111,6 +133,7 @@ impl HubClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
             key,
+            paused: Arc::default(),
         })
     }
 
@@ -166,6 +189,8 @@ impl HubClient {
         endpoint: Endpoint,
         request: reqwest::RequestBuilder,
     ) -> Result<T, HubError> {
+        self.wait_if_paused(endpoint).await;
+        let kind = endpoint;
         let endpoint = endpoint.as_str();
         let response = request
             .bearer_auth(self.key.expose())
@@ -178,6 +203,17 @@ impl HubClient {
                 .json::<T>()
                 .await
                 .map_err(|source| HubError::Decode { endpoint, source });
+        }
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                retry_after(response.headers())
+            }
+            _ => None,
+        };
+        if let Some(wait) = retry_after {
+            let wait = jittered(wait, rand::random::<f64>());
+            tracing::info!(endpoint, %status, wait = ?wait, "the hub asked to wait before the next request of this kind");
+            self.pause(kind, wait);
         }
         // A body that is not an ApiError (a proxy's HTML page, say) is not repeated: only its
         // status counts.
@@ -198,8 +234,60 @@ impl HubClient {
             status,
             error,
             message,
+            retry_after,
         })
     }
+
+    fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<Endpoint, tokio::time::Instant>> {
+        self.paused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn pause(&self, endpoint: Endpoint, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut paused = self.paused();
+        let entry = paused.entry(endpoint).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    async fn wait_if_paused(&self, endpoint: Endpoint) {
+        let until = self.paused().get(&endpoint).copied();
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+            let mut paused = self.paused();
+            if paused
+                .get(&endpoint)
+                .is_some_and(|u| *u <= tokio::time::Instant::now())
+            {
+                paused.remove(&endpoint);
+            }
+        }
+    }
+}
+
+/// A `Retry-After` in seconds (the form the hub sends), capped at [`MAX_RETRY_AFTER`]. An
+/// HTTP date is not understood and leaves the caller's own backoff in charge.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+}
+
+/// `wait` plus up to a quarter more, for a random `unit` in `[0, 1)`, so agents told the
+/// same thing at once do not come back at once; never less than `wait`, never past the cap.
+fn jittered(wait: Duration, unit: f64) -> Duration {
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    (wait + wait.mul_f64(unit / 4.0)).min(MAX_RETRY_AFTER.max(wait))
 }
 
 /// The sources of an error, joined, for logs (the error's own message is logged beside it).
@@ -249,9 +337,120 @@ mod tests {
             status,
             error: String::new(),
             message: String::new(),
+            retry_after: None,
         };
         assert!(status(StatusCode::UNAUTHORIZED).is_auth());
         assert!(status(StatusCode::FORBIDDEN).is_auth());
         assert!(!status(StatusCode::SERVICE_UNAVAILABLE).is_auth());
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, value.parse().unwrap());
+            headers
+        };
+        assert_eq!(retry_after(&headers("3")), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(&headers(" 0 ")), Some(Duration::ZERO));
+        assert_eq!(retry_after(&headers("86400")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&headers("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+        let three = Duration::from_secs(3);
+        assert_eq!(jittered(three, 0.0), three);
+        assert_eq!(jittered(three, 1.0), Duration::from_millis(3750));
+        assert_eq!(jittered(three, f64::NAN), three);
+        assert_eq!(jittered(MAX_RETRY_AFTER, 1.0), MAX_RETRY_AFTER);
+    }
+
+    /// A hub that answers the first heartbeat 429 with `Retry-After: 2`, and records when
+    /// each request arrived.
+    async fn limiting_hub() -> (String, Arc<Mutex<Vec<(String, std::time::Instant)>>>) {
+        use axum::Json;
+        use axum::http::HeaderValue;
+        use axum::response::IntoResponse;
+        use axum::routing::{get, post};
+
+        let seen: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
+        let record = |seen: &Arc<Mutex<Vec<_>>>, what: &str| {
+            let mut seen = seen.lock().unwrap();
+            seen.push((what.to_owned(), std::time::Instant::now()));
+            seen.iter().filter(|(w, _)| w == what).count()
+        };
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/agent/heartbeat",
+                post({
+                    let seen = seen.clone();
+                    move || async move {
+                        if record(&seen, "heartbeat") == 1 {
+                            let body = ApiError {
+                                error: "too_many_requests".into(),
+                                message: "slow down".into(),
+                            };
+                            let mut response =
+                                (axum::http::StatusCode::TOO_MANY_REQUESTS, Json(body))
+                                    .into_response();
+                            response
+                                .headers_mut()
+                                .insert("retry-after", HeaderValue::from_static("2"));
+                            return response;
+                        }
+                        Json(HeartbeatAck {
+                            heartbeat_interval_seconds: 15,
+                        })
+                        .into_response()
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/agent/desired",
+                get({
+                    let seen = seen.clone();
+                    move || async move {
+                        record(&seen, "desired");
+                        Json(DesiredState {
+                            cursor: "0.0000000000000000".into(),
+                            stacks: vec![],
+                        })
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn after_a_429_the_next_request_of_that_kind_waits_for_retry_after() {
+        let (url, seen) = limiting_hub().await;
+        let hub = HubClient::new(&url, key(), None).unwrap();
+        let beat = Heartbeat::default();
+
+        let refused = hub.heartbeat(&beat).await.unwrap_err();
+        assert_eq!(refused.status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(refused.retry_after(), Some(Duration::from_secs(2)));
+
+        // Another kind of request is not held back.
+        let started = std::time::Instant::now();
+        hub.desired(None, Duration::ZERO).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // The next heartbeat, sent at once by a clone (as another task would), reaches the
+        // hub only once the two seconds have passed.
+        hub.clone().heartbeat(&beat).await.unwrap();
+        let seen = seen.lock().unwrap();
+        let beats: Vec<_> = seen
+            .iter()
+            .filter(|(what, _)| what == "heartbeat")
+            .map(|(_, at)| *at)
+            .collect();
+        assert_eq!(beats.len(), 2);
+        let gap = beats[1] - beats[0];
+        assert!(
+            gap >= Duration::from_secs(2) && gap < Duration::from_secs(4),
+            "the second heartbeat came {gap:?} after the 429"
+        );
     }
 }
