@@ -534,6 +534,22 @@ async fn tls_is_served_within_the_same_limits() {
         .unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);
 
+    // Only HTTP/1.1 is offered: a client that would prefer h2 gets HTTP/1.1, not a
+    // protocol the server would then fail to speak.
+    let handshake = tokio::process::Command::new("openssl")
+        .args(["s_client", "-alpn", "h2,http/1.1", "-connect"])
+        .arg(addr.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl s_client");
+    let printed = String::from_utf8_lossy(&handshake.stdout);
+    assert!(
+        printed.contains("ALPN protocol: http/1.1"),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&handshake.stderr)
+    );
+
     // A client that never completes the handshake is closed after the header timeout.
     let mut stalled = TcpStream::connect(addr).await.unwrap();
     let closed_after = closed_within(&mut stalled, Duration::from_secs(5))

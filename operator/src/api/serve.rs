@@ -76,8 +76,9 @@ pub async fn serve(
     metrics: ApiMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
-    let tls =
-        tls.map(|config| RustlsAcceptor::new(config).handshake_timeout(limits.header_read_timeout));
+    let tls = tls.map(|config| {
+        RustlsAcceptor::new(http1_only(&config)).handshake_timeout(limits.header_read_timeout)
+    });
     let (stop_tx, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -135,6 +136,14 @@ pub async fn serve(
     }
     connections.shutdown().await;
     metrics.connections.set(0);
+}
+
+/// `config` offering only HTTP/1.1 in ALPN: axum-server's default also offers h2, which
+/// this server does not speak (agents use HTTP/1.1).
+fn http1_only(config: &RustlsConfig) -> RustlsConfig {
+    let mut server = (*config.get_inner()).clone();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    RustlsConfig::from_config(Arc::new(server))
 }
 
 struct Connection {
