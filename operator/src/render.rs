@@ -33,6 +33,25 @@ pub struct Rendered {
     pub objects: usize,
 }
 
+impl Rendered {
+    /// The content with the Stack's agent policy (`adoptExisting`, `deletionPolicy`) as its
+    /// first line, and the checksum over both: a policy change is a new deployment object.
+    /// The default policy adds nothing, so the checksum of a Stack that does not use it stays.
+    pub fn with_policy(self, policy: &brokkr_crds::StackPolicy) -> Rendered {
+        match policy.header() {
+            Some(header) => {
+                let yaml = format!("{header}{}", self.yaml);
+                Rendered {
+                    checksum: hex::encode(Sha256::digest(yaml.as_bytes())),
+                    yaml,
+                    objects: self.objects,
+                }
+            }
+            None => self,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
     #[error("document {document}: invalid YAML: {reason}")]
@@ -385,6 +404,27 @@ data:
         let b = rendered.yaml.find("b: '2'").unwrap();
         assert!(a < b, "keys are sorted:\n{}", rendered.yaml);
         assert_eq!(rendered.checksum.len(), 64);
+    }
+
+    #[test]
+    fn the_agent_policy_is_the_first_line_and_part_of_the_checksum() {
+        use brokkr_crds::{DeletionPolicy, StackPolicy};
+        let plain = render_manifests(APP).unwrap();
+        assert_eq!(plain.clone().with_policy(&StackPolicy::default()), plain);
+        let orphan = StackPolicy {
+            deletion_policy: DeletionPolicy::Orphan,
+            ..StackPolicy::default()
+        };
+        let with = plain.clone().with_policy(&orphan);
+        assert!(with.yaml.ends_with(&plain.yaml));
+        assert_ne!(with.checksum, plain.checksum);
+        assert_eq!(with.objects, plain.objects);
+        assert_eq!(StackPolicy::from_yaml(&with.yaml), Ok(orphan));
+        let adopt = StackPolicy {
+            adopt_existing: true,
+            ..StackPolicy::default()
+        };
+        assert_ne!(plain.with_policy(&adopt).checksum, with.checksum);
     }
 
     #[test]
