@@ -76,6 +76,12 @@ sql_migration!(
     "011_agent_access_notifications"
 );
 
+sql_migration!(
+    DeletionMarkerPolicy,
+    "m20261129_000012_deletion_marker_policy",
+    "012_deletion_marker_policy"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -94,6 +100,7 @@ impl MigratorTrait for Migrator {
             Box::new(Notifications),
             Box::new(AgentKeyIndex),
             Box::new(AgentAccessNotifications),
+            Box::new(DeletionMarkerPolicy),
         ]
     }
 }

@@ -92,6 +92,62 @@ async fn up_down_up_on_a_populated_database() {
         .expect("populate again");
 }
 
+/// The deletion marker of a stack whose last content carries the agents' policy line
+/// carries that line too (and only then).
+#[tokio::test]
+async fn a_deletion_marker_carries_the_last_policy_line() {
+    let db = TestDb::empty().await;
+    Migrator::up(db.conn(), None).await.expect("up");
+    let policy = "# brokkr.io/policy: {\"deletionPolicy\":\"Orphan\"}\n";
+    let setup = format!(
+        r#"
+INSERT INTO generators (id, name) VALUES ('00000000-0000-7000-8000-000000000001', 'ns/gen');
+INSERT INTO stacks (id, name, generator_id) VALUES
+    ('00000000-0000-7000-8000-000000000002', 'ns/orphan', '00000000-0000-7000-8000-000000000001'),
+    ('00000000-0000-7000-8000-000000000003', 'ns/plain', '00000000-0000-7000-8000-000000000001');
+INSERT INTO deployment_objects (id, stack_id, yaml_content, yaml_checksum, generator_id) VALUES
+    ('00000000-0000-7000-8000-000000000004', '00000000-0000-7000-8000-000000000002',
+     'kind: Old', 'c1', '00000000-0000-7000-8000-000000000001'),
+    ('00000000-0000-7000-8000-000000000005', '00000000-0000-7000-8000-000000000002',
+     E'{}kind: New', 'c2', '00000000-0000-7000-8000-000000000001'),
+    ('00000000-0000-7000-8000-000000000006', '00000000-0000-7000-8000-000000000003',
+     'kind: Plain', 'c3', '00000000-0000-7000-8000-000000000001');
+UPDATE stacks SET deleted_at = now();
+"#,
+        policy.replace('\n', "\\n")
+    );
+    db.conn().execute_unprepared(&setup).await.expect("setup");
+    let marker = |stack: &'static str| {
+        let db = &db;
+        async move {
+            db.conn()
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!(
+                        "SELECT yaml_content FROM deployment_objects \
+                         WHERE stack_id = '{stack}' AND is_deletion_marker"
+                    ),
+                ))
+                .await
+                .expect("query")
+                .expect("a marker")
+                .try_get::<String>("", "yaml_content")
+                .expect("content")
+        }
+    };
+    assert_eq!(marker("00000000-0000-7000-8000-000000000002").await, policy);
+    assert_eq!(marker("00000000-0000-7000-8000-000000000003").await, "");
+    // Deployment objects stay immutable.
+    let changed = db
+        .conn()
+        .execute_unprepared(
+            "UPDATE deployment_objects SET yaml_content = 'x' \
+             WHERE id = '00000000-0000-7000-8000-000000000005'",
+        )
+        .await;
+    assert!(changed.is_err());
+}
+
 #[tokio::test]
 async fn each_migration_rolls_back_one_step_at_a_time() {
     let db = TestDb::empty().await;
