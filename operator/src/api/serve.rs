@@ -83,14 +83,19 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
     let mut capped = false;
+    let mut warned: Option<Instant> = None;
     loop {
         let at_cap = connections.len() >= limits.max_connections.max(1);
         if at_cap && !capped {
             metrics.connection_cap_reached.inc();
-            warn!(
-                connections = connections.len(),
-                "the agent API is at its connection cap; new connections wait"
-            );
+            // A fleet at the cap touches it on every close: say so once a minute.
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                warned = Some(Instant::now());
+                warn!(
+                    connections = connections.len(),
+                    "the agent API is at its connection cap; new connections wait"
+                );
+            }
         }
         capped = at_cap;
         tokio::select! {
