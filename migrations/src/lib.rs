@@ -82,6 +82,12 @@ sql_migration!(
     "012_deletion_marker_policy"
 );
 
+sql_migration!(
+    RemovalReportNotifications,
+    "m20261129_000013_removal_report_notifications",
+    "013_removal_report_notifications"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -101,6 +107,7 @@ impl MigratorTrait for Migrator {
             Box::new(AgentKeyIndex),
             Box::new(AgentAccessNotifications),
             Box::new(DeletionMarkerPolicy),
+            Box::new(RemovalReportNotifications),
         ]
     }
 }

@@ -500,6 +500,47 @@ async fn a_deleted_stack_arrives_as_a_deletion_marker() {
 }
 
 #[tokio::test]
+async fn a_deletion_marker_waits_for_an_agent_that_was_away_and_leaves_once_it_reports_the_removal()
+{
+    let f = Fixture::new().await;
+    // The agent polls once, then is away (busy, offline, restarting) while the stack is
+    // deleted; this replica keeps its view and patches it.
+    let first = f.desired("").await;
+    let marker = f.store.soft_delete_stack(f.stack).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let back = f.desired(&format!("?since={}", first.cursor)).await;
+    let is_marker = |d: &DesiredState| {
+        d.stacks.len() == 1 && d.stacks[0].deletion && d.stacks[0].deployment_object_id == marker.id
+    };
+    assert!(is_marker(&back), "{back:?}");
+    // Its cursor has passed the marker now; the marker is still there (an agent that
+    // crashed before acting on the answer must find it again), and the poll waits.
+    let started = Instant::now();
+    let again = f.desired(&format!("?since={}&wait=1", back.cursor)).await;
+    assert!(is_marker(&again), "{again:?}");
+    assert_eq!(again.cursor, back.cursor);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let fresh = f.desired("").await;
+    assert!(
+        is_marker(&fresh),
+        "a restarted agent without a cursor gets it too"
+    );
+
+    let report = json!({"events": [{"id": Uuid::now_v7(), "deploymentObjectId": marker.id,
+        "type": "Delete", "status": "Success", "message": "removed"}]});
+    let (status, body) = f.call(f.post("/api/v1/agent/events", report)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The parked poll wakes: its set changed (the marker left it).
+    let started = Instant::now();
+    let after = f.desired(&format!("?since={}&wait=10", back.cursor)).await;
+    assert!(after.stacks.is_empty(), "{after:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(f.desired("").await.stacks.is_empty());
+}
+
+#[tokio::test]
 async fn deployment_objects_are_served_only_to_targeted_agents() {
     let f = Fixture::new().await;
     let (status, body) = f

@@ -903,42 +903,88 @@ async fn desired_state_holds_the_latest_live_object_per_targeted_stack() {
 }
 
 #[tokio::test]
-async fn desired_state_carries_deletion_markers_newer_than_the_cursor() {
+async fn a_deletion_marker_stays_in_each_agents_desired_state_until_that_agent_reports_the_removal()
+{
     let f = Fixture::new().await;
     let generator = f.generator("gen").await;
     let (web, _) = f.stack(generator, "ns/web", "web: 1").await;
     let (db, _) = f.stack(generator, "ns/db", "db: 1").await;
-    let agent = f.agent("edge-1", "edge").await;
-    f.target(web, &[agent]).await;
-    f.target(db, &[agent]).await;
-    let before = f.store.desired_for_agent(agent, 0).await.unwrap();
+    let online = f.agent("edge-1", "edge").await;
+    // Offline (or busy, or restarting) while the stack is deleted.
+    let offline = f.agent("edge-2", "edge").await;
+    f.target(web, &[online, offline]).await;
+    f.target(db, &[online, offline]).await;
+    let before = f.store.desired_for_agent(online, 0).await.unwrap();
 
     let marker = f.store.soft_delete_stack(db).await.unwrap().unwrap();
 
+    let holds_marker = |state: &brokkr_operator::store::DesiredState| {
+        state
+            .entries
+            .iter()
+            .find(|e| e.stack_id == db)
+            .is_some_and(|e| e.is_deletion_marker && e.deployment_object_id == marker.id)
+    };
     let after = f
         .store
-        .desired_for_agent(agent, before.max_sequence)
+        .desired_for_agent(online, before.max_sequence)
         .await
         .unwrap();
-    let db_entry = after
-        .entries
-        .iter()
-        .find(|e| e.stack_id == db)
-        .expect("marker delivered");
-    assert!(db_entry.is_deletion_marker);
-    assert_eq!(db_entry.deployment_object_id, marker.id);
+    assert!(holds_marker(&after));
     assert_eq!(after.max_sequence, marker.sequence_id);
-
-    // Once the agent's cursor has passed the marker, the deleted stack leaves the set.
-    let later = f
+    // A cursor past the marker does not make it go away: it is state, not an edge.
+    let past = f
         .store
-        .desired_for_agent(agent, after.max_sequence)
+        .desired_for_agent(online, after.max_sequence + 100)
+        .await
+        .unwrap();
+    assert!(
+        holds_marker(&past),
+        "still there past the marker's sequence"
+    );
+    // A failed removal keeps it too.
+    f.store
+        .record_agent_events(online, &[event(marker.id, "Delete", "Failure")])
+        .await
+        .unwrap();
+    assert!(holds_marker(
+        &f.store
+            .desired_for_agent(online, after.max_sequence)
+            .await
+            .unwrap()
+    ));
+
+    f.store
+        .record_agent_events(online, &[event(marker.id, "Delete", "Success")])
+        .await
+        .unwrap();
+    let reported = f
+        .store
+        .desired_for_agent(online, after.max_sequence)
         .await
         .unwrap();
     assert_eq!(
-        later.entries.iter().map(|e| e.stack_id).collect::<Vec<_>>(),
-        vec![web]
+        reported
+            .entries
+            .iter()
+            .map(|e| e.stack_id)
+            .collect::<Vec<_>>(),
+        vec![web],
+        "the reporting agent's marker is gone"
     );
+
+    // The agent that was away comes back, from whatever cursor it kept (or none).
+    for cursor in [0, before.max_sequence, marker.sequence_id] {
+        let back = f.store.desired_for_agent(offline, cursor).await.unwrap();
+        assert!(holds_marker(&back), "from cursor {cursor}");
+    }
+    f.store
+        .record_agent_events(offline, &[event(marker.id, "Delete", "Success")])
+        .await
+        .unwrap();
+    let back = f.store.desired_for_agent(offline, 0).await.unwrap();
+    assert!(!holds_marker(&back));
+    assert_eq!(back.entries.len(), 1);
 }
 
 #[tokio::test]
@@ -996,6 +1042,7 @@ async fn stack_heads_agree_with_every_agents_desired_state() {
     assert!(heads[1].stack_deleted && db_head.is_deletion_marker);
     assert_eq!(db_head.deployment_object_id, marker.id);
     assert_eq!(heads[1].agents, HashSet::from([edge1]));
+    assert!(heads[1].removal_reported.is_empty());
     assert!(heads[2].head.is_none() && heads[2].agents.is_empty());
 
     // What the heads say edge-1 should hold is what its own query says.
@@ -1023,6 +1070,16 @@ async fn stack_heads_agree_with_every_agents_desired_state() {
         );
     }
     assert_eq!(desired.entries.len(), 2);
+
+    // After edge-1 reports the removal, its heads and its query both leave the marker out.
+    f.store
+        .record_agent_events(edge1, &[event(marker.id, "Delete", "Success")])
+        .await
+        .unwrap();
+    let heads = f.store.stack_heads(&[db]).await.unwrap();
+    assert_eq!(heads[0].removal_reported, HashSet::from([edge1]));
+    let desired = f.store.desired_for_agent(edge1, 0).await.unwrap();
+    assert!(desired.entries.iter().all(|e| e.stack_id != db));
 }
 
 #[tokio::test]

@@ -6,6 +6,11 @@
 //! agent's view here; only the agents whose view changed are woken, and they answer
 //! without a query. Re-parked long-polls and renewals read the same views.
 //!
+//! A deleted stack's deletion marker is state, not an edge: it stays in an agent's view,
+//! whatever the agent's cursor, until that agent reports the removal (a `Delete`
+//! `Success` event for the marker, which notifies `a:<agent id>` and so drops the view).
+//! A busy or restarted agent therefore cannot miss it.
+//!
 //! A view is only ever stored if no change concerning its agent was applied while its
 //! query ran (the per-agent `generation` check), so a view never misses a change:
 //! either the change was applied after the view was stored (and patched it), or it was
@@ -25,22 +30,20 @@ use crate::store::{DesiredEntry, StackHead};
 /// again when asked for), bounding memory on a hub that has seen many agents come and go.
 const MAX_IDLE_AGENTS: usize = 100_000;
 
-/// What one agent should hold, as the desired-state query returned it for cursors at
-/// or after `deletions_after`.
+/// What one agent should hold, as the desired-state query returned it. It serves every
+/// cursor: nothing in it depends on what the agent has seen.
 #[derive(Debug)]
 pub struct AgentView {
-    deletions_after: i64,
     /// Ordered by stack id.
     entries: Vec<DesiredEntry>,
 }
 
 impl AgentView {
-    pub fn new(deletions_after: i64, mut entries: Vec<DesiredEntry>) -> AgentView {
+    /// `_since`, the cursor the query was made for, no longer matters (deletion markers
+    /// stay until reported); kept so callers need not change.
+    pub fn new(_since: i64, mut entries: Vec<DesiredEntry>) -> AgentView {
         entries.sort_by_key(|e| e.stack_id);
-        AgentView {
-            deletions_after,
-            entries,
-        }
+        AgentView { entries }
     }
 
     /// The answer for an agent whose cursor is at `since`: its stacks, and the highest
@@ -49,7 +52,7 @@ impl AgentView {
         let stacks: Vec<DesiredStack> = self
             .entries
             .iter()
-            .filter(|e| !e.stack_deleted || (e.is_deletion_marker && e.sequence_id > since))
+            .filter(|e| !e.stack_deleted || e.is_deletion_marker)
             .map(|e| DesiredStack {
                 stack_id: e.stack_id,
                 stack_name: e.stack_name.clone(),
@@ -79,7 +82,7 @@ impl AgentView {
             .filter(|_| head.agents.contains(&agent_id))
             .filter(|h| {
                 !head.stack_deleted
-                    || (h.is_deletion_marker && h.sequence_id > self.deletions_after)
+                    || (h.is_deletion_marker && !head.removal_reported.contains(&agent_id))
             })
             .map(|h| DesiredEntry {
                 stack_id: head.stack_id,
@@ -106,10 +109,7 @@ impl AgentView {
             (Err(at), Some(wanted)) => entries.insert(at, wanted),
             (Ok(_), Some(_)) | (Err(_), None) => return None,
         }
-        Some(AgentView {
-            deletions_after: self.deletions_after,
-            entries,
-        })
+        Some(AgentView { entries })
     }
 }
 
@@ -168,14 +168,9 @@ impl DesiredViews {
             .subscribe()
     }
 
-    /// The stored view of `agent_id`, if it serves a cursor at `since`.
-    pub fn get(&self, agent_id: Uuid, since: i64) -> Option<Arc<AgentView>> {
-        self.lock()
-            .agents
-            .get(&agent_id)?
-            .view
-            .clone()
-            .filter(|view| view.deletions_after <= since)
+    /// The stored view of `agent_id` (it serves any cursor, `_since` included).
+    pub fn get(&self, agent_id: Uuid, _since: i64) -> Option<Arc<AgentView>> {
+        self.lock().agents.get(&agent_id)?.view.clone()
     }
 
     /// Stamp to pass to [`DesiredViews::remember`]; take it after subscribing and
@@ -279,6 +274,7 @@ mod tests {
                 is_deletion_marker: false,
             }),
             agents: agents.iter().copied().collect::<HashSet<_>>(),
+            removal_reported: HashSet::new(),
         }
     }
 
@@ -308,19 +304,28 @@ mod tests {
     }
 
     #[test]
-    fn a_deletion_marker_is_answered_once_past_the_cursor() {
-        let (agent, stack) = (Uuid::now_v7(), Uuid::now_v7());
+    fn a_deletion_marker_stays_whatever_the_cursor_until_the_agent_reports_the_removal() {
+        let (agent, other, stack) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let view = AgentView::new(0, vec![entry(stack, 5)]);
-        let mut deleted = head(stack, 9, &[agent]);
+        let mut deleted = head(stack, 9, &[agent, other]);
         deleted.stack_deleted = true;
         deleted.head.as_mut().unwrap().is_deletion_marker = true;
         let patched = view.patched(agent, &deleted).unwrap();
-        let (stacks, max) = patched.answer(5);
-        assert!(stacks[0].deletion);
-        assert_eq!(max, 9);
-        let (stacks, max) = patched.answer(9);
-        assert!(stacks.is_empty());
-        assert_eq!(max, 9);
+        for cursor in [5, 9, 100] {
+            let (stacks, max) = patched.answer(cursor);
+            assert_eq!(stacks.len(), 1, "cursor {cursor}");
+            assert!(stacks[0].deletion);
+            assert_eq!(max, cursor.max(9));
+        }
+        // Once the agent has reported the removal, the marker leaves its view only.
+        deleted.removal_reported.insert(agent);
+        let reported = patched.patched(agent, &deleted).unwrap();
+        assert!(reported.answer(0).0.is_empty());
+        let other_view = AgentView::new(0, vec![entry(stack, 5)]);
+        assert_eq!(
+            sequences(&other_view.patched(other, &deleted).unwrap()),
+            [9]
+        );
     }
 
     #[test]
@@ -373,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn a_view_queried_for_a_later_cursor_does_not_serve_an_earlier_one() {
+    fn a_view_serves_every_cursor() {
         let views = DesiredViews::default();
         let agent = Uuid::now_v7();
         let _wake = views.subscribe(agent);
@@ -383,6 +388,6 @@ mod tests {
             Arc::new(AgentView::new(8, vec![])),
         );
         assert!(views.get(agent, 8).is_some());
-        assert!(views.get(agent, 3).is_none());
+        assert!(views.get(agent, 3).is_some());
     }
 }

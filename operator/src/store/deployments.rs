@@ -15,12 +15,15 @@ pub struct DesiredEntry {
     pub sequence_id: i64,
     pub yaml_checksum: String,
     pub is_deletion_marker: bool,
-    /// The stack is deleted: the entry is its deletion marker, delivered once.
+    /// The stack is deleted: the entry is its deletion marker, held in the agent's set
+    /// until the agent reports the removal (a `Delete` `Success` event for the marker).
     pub stack_deleted: bool,
 }
 
 /// The desired state of one agent: per targeted live stack its newest live deployment
-/// object, plus the deletion markers of deleted stacks written after the caller's cursor.
+/// object, plus the deletion markers of deleted stacks whose removal the agent has not
+/// reported yet. Deletion is state, not an edge: an agent that was busy, offline or
+/// restarted when the stack was deleted still finds the marker in its set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Ordered by stack id.
@@ -43,6 +46,17 @@ macro_rules! latest_live_object_of_s {
     };
 }
 
+/// Whether agent `t.agent_id` reported removing the stack whose deletion marker is `d`.
+macro_rules! removal_reported_by_t {
+    () => {
+        r#"EXISTS (
+    SELECT 1 FROM agent_events e
+    WHERE e.deployment_object_id = d.id AND e.agent_id = t.agent_id
+      AND e.event_type = 'Delete' AND e.status = 'Success' AND e.deleted_at IS NULL
+)"#
+    };
+}
+
 /// One probe per target, so the cost grows with the agent's targets, never with history.
 const DESIRED_FOR_AGENT: &str = concat!(
     r#"
@@ -54,7 +68,9 @@ CROSS JOIN "#,
     latest_live_object_of_s!(),
     r#"
 WHERE t.agent_id = $1
-  AND (s.deleted_at IS NULL OR (d.is_deletion_marker AND d.sequence_id > $2))
+  AND (s.deleted_at IS NULL OR (d.is_deletion_marker AND NOT "#,
+    removal_reported_by_t!(),
+    r#"))
 ORDER BY t.stack_id
 "#
 );
@@ -70,6 +86,9 @@ pub struct StackHead {
     pub head: Option<HeadObject>,
     /// The agents the stack is targeted at.
     pub agents: HashSet<Uuid>,
+    /// Of `agents`, those that reported removing the deleted stack (a `Delete` `Success`
+    /// event for its deletion marker): the marker has left their desired state.
+    pub removal_reported: HashSet<Uuid>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +132,21 @@ WHERE s.id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
 const STACK_TARGETS: &str = "SELECT stack_id, agent_id FROM agent_targets \
      WHERE stack_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)";
 
+/// The targeted agents that reported removing a deleted stack, for a list of stacks.
+const REMOVALS_REPORTED: &str = concat!(
+    r#"
+SELECT t.stack_id, t.agent_id
+FROM agent_targets t
+JOIN stacks s ON s.id = t.stack_id AND s.deleted_at IS NOT NULL
+CROSS JOIN "#,
+    latest_live_object_of_s!(),
+    r#"
+WHERE t.stack_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
+  AND d.is_deletion_marker AND "#,
+    removal_reported_by_t!(),
+    "\n"
+);
+
 impl Store {
     /// The heads of `stack_ids` and their targets. Stacks that no longer exist come
     /// back without a head or agents.
@@ -124,6 +158,21 @@ impl Store {
         let targets = TargetRow::find_by_statement(statement(STACK_TARGETS, ids()))
             .all(&self.db)
             .await?;
+        let deleted: Vec<Uuid> = rows
+            .iter()
+            .filter(|row| row.stack_deleted && row.is_deletion_marker == Some(true))
+            .map(|row| row.stack_id)
+            .collect();
+        let removals = if deleted.is_empty() {
+            Vec::new()
+        } else {
+            TargetRow::find_by_statement(statement(
+                REMOVALS_REPORTED,
+                [sea_orm::Value::from(serde_json::json!(deleted))],
+            ))
+            .all(&self.db)
+            .await?
+        };
         let mut heads: HashMap<Uuid, StackHead> = rows
             .into_iter()
             .map(|row| {
@@ -149,6 +198,7 @@ impl Store {
                     stack_deleted: row.stack_deleted,
                     head,
                     agents: HashSet::new(),
+                    removal_reported: HashSet::new(),
                 };
                 (row.stack_id, stack)
             })
@@ -156,6 +206,11 @@ impl Store {
         for target in targets {
             if let Some(head) = heads.get_mut(&target.stack_id) {
                 head.agents.insert(target.agent_id);
+            }
+        }
+        for removal in removals {
+            if let Some(head) = heads.get_mut(&removal.stack_id) {
+                head.removal_reported.insert(removal.agent_id);
             }
         }
         Ok(stack_ids
@@ -167,6 +222,7 @@ impl Store {
                     stack_deleted: true,
                     head: None,
                     agents: HashSet::new(),
+                    removal_reported: HashSet::new(),
                 })
             })
             .collect())
@@ -193,23 +249,15 @@ impl Store {
             .is_some())
     }
 
-    /// What `agent_id` should hold now. `deletions_after` is the agent's cursor:
-    /// deletion markers at or below it were already delivered and are left out.
-    pub async fn desired_for_agent(
-        &self,
-        agent_id: Uuid,
-        deletions_after: i64,
-    ) -> StoreResult<DesiredState> {
-        let entries = DesiredEntry::find_by_statement(statement(
-            DESIRED_FOR_AGENT,
-            [agent_id.into(), deletions_after.into()],
-        ))
-        .all(&self.db)
-        .await?;
-        let max_sequence = entries
-            .iter()
-            .map(|e| e.sequence_id)
-            .fold(deletions_after, i64::max);
+    /// What `agent_id` should hold now, whatever its cursor: a deleted stack's marker
+    /// stays until the agent reports the removal. `since` (the agent's cursor) only
+    /// floors `max_sequence`.
+    pub async fn desired_for_agent(&self, agent_id: Uuid, since: i64) -> StoreResult<DesiredState> {
+        let entries =
+            DesiredEntry::find_by_statement(statement(DESIRED_FOR_AGENT, [agent_id.into()]))
+                .all(&self.db)
+                .await?;
+        let max_sequence = entries.iter().map(|e| e.sequence_id).fold(since, i64::max);
         Ok(DesiredState {
             entries,
             max_sequence,
@@ -223,7 +271,7 @@ impl Store {
             .db
             .query_all_raw(statement(
                 &format!("EXPLAIN (ANALYZE, BUFFERS) {DESIRED_FOR_AGENT}"),
-                [agent_id.into(), 0i64.into()],
+                [agent_id.into()],
             ))
             .await?;
         let mut plan = String::new();
