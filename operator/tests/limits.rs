@@ -565,3 +565,61 @@ async fn tls_is_served_within_the_same_limits() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn with_the_default_limits_a_busy_fleet_is_never_limited_or_cut() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let addr = f.serve(ServeLimits::default()).await;
+    let cursor = f.cursor().await;
+    let mut keys = vec![f.key.clone()];
+    for i in 1..40 {
+        keys.push(agent_with_key(&f.store, &format!("fleet-{i}")).await);
+    }
+    // Each agent long-polls and sends a heartbeat every 250 ms: sixty times the heartbeats of
+    // the default 15 s interval.
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}/api/v1/agent");
+    let agents = keys.iter().map(|key| {
+        let (client, base, cursor) = (client.clone(), base.clone(), cursor.clone());
+        async move {
+            let poll = client
+                .get(format!("{base}/desired?since={cursor}&wait=3"))
+                .bearer_auth(key)
+                .send();
+            let beats = async {
+                let mut statuses = Vec::new();
+                for _ in 0..12 {
+                    let response = client
+                        .post(format!("{base}/heartbeat"))
+                        .bearer_auth(key)
+                        .json(&serde_json::json!({"version": "1.0.0", "state": "Ready"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    statuses.push(response.status().as_u16());
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                statuses
+            };
+            let (poll, mut statuses) = tokio::join!(poll, beats);
+            statuses.push(poll.unwrap().status().as_u16());
+            statuses
+        }
+    });
+    let statuses: Vec<u16> = futures::future::join_all(agents)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(statuses.len(), 40 * 13);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let rendered = f.metrics.render();
+    assert!(
+        !rendered.contains("api_requests_limited_total{"),
+        "{rendered}"
+    );
+    assert!(
+        !rendered.contains("api_connections_closed_total{"),
+        "{rendered}"
+    );
+}
