@@ -238,11 +238,32 @@ async fn a_client_sending_its_headers_slowly_is_cut_after_the_header_timeout() {
         2.0
     );
 
+    // A head larger than the connection's buffer is refused, not buffered.
+    let mut huge = TcpStream::connect(addr).await.unwrap();
+    let padding = "x".repeat(32 * 1024);
+    let head =
+        format!("GET /api/v1/agent/desired HTTP/1.1\r\nHost: hub\r\nX-Pad: {padding}\r\n\r\n");
+    let _ = huge.write_all(head.as_bytes()).await;
+    let (status, _) = read_response(&mut huge).await.expect("an answer");
+    assert_eq!(status, 431);
+
     // A prompt client is served as ever.
     let mut prompt = TcpStream::connect(addr).await.unwrap();
     send_get(&mut prompt, "/api/v1/agent/desired", &f.key).await;
     let (status, body) = read_response(&mut prompt).await.expect("an answer");
     assert_eq!(status, 200, "{body}");
+
+    // Bodies far larger than the connection's buffer still stream through.
+    let big =
+        serde_json::json!({"version": "1.0.0", "state": "Ready", "pad": "x".repeat(900 * 1024)});
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/agent/heartbeat"))
+        .bearer_auth(&f.key)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
 }
 
 #[tokio::test]

@@ -39,6 +39,11 @@ use tracing::{debug, warn};
 
 use crate::metrics::ApiMetrics;
 
+/// Largest buffer of a connection, and so the largest request head: agents send heads of a
+/// few hundred bytes, and hyper's default (~400 KiB) times the connection cap would be
+/// gigabytes a slow client could make the hub hold. Longer heads are answered 431.
+const MAX_BUFFER: usize = 16 * 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServeLimits {
     /// Time allowed for a request's head (and for a TLS handshake).
@@ -194,7 +199,11 @@ impl Connection {
             inner: stream,
             activity: activity.clone(),
         });
-        let mut connection = pin!(http1::Builder::new().serve_connection(io, service));
+        let mut connection = pin!(
+            http1::Builder::new()
+                .max_buf_size(MAX_BUFFER)
+                .serve_connection(io, service)
+        );
         let mut stopping = *self.stop.borrow();
         if stopping {
             connection.as_mut().graceful_shutdown();
