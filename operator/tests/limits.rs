@@ -644,3 +644,67 @@ async fn with_the_default_limits_a_busy_fleet_is_never_limited_or_cut() {
         "{rendered}"
     );
 }
+
+#[tokio::test]
+async fn on_shutdown_requests_in_flight_finish_within_the_grace_period_and_the_rest_are_closed() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(
+        listener,
+        f.app.clone(),
+        None,
+        ServeLimits {
+            grace: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(60),
+            ..LIMITS
+        },
+        f.metrics.api.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let cursor = f.cursor().await;
+    let long_poll = |wait: u64| format!("/api/v1/agent/desired?since={cursor}&wait={wait}");
+
+    // An idle keep-alive connection, a long-poll that ends within the grace period and one
+    // that would not.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut idle, "/api/v1/agent/desired", &f.key).await;
+    assert_eq!(read_response(&mut idle).await.unwrap().0, 200);
+    let mut short = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut short, &long_poll(2), &f.key).await;
+    let mut long = TcpStream::connect(addr).await.unwrap();
+    send_get(&mut long, &long_poll(30), &f.key).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stopping = Instant::now();
+    stop.send(()).unwrap();
+    let idle_closed = closed_within(&mut idle, Duration::from_secs(2)).await;
+    assert!(
+        idle_closed.is_some(),
+        "an idle connection is closed at once"
+    );
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connections"
+    );
+    let (status, _) = read_response(&mut short)
+        .await
+        .expect("the short long-poll is answered");
+    assert_eq!(status, 200);
+    assert!(
+        read_response(&mut long).await.is_none(),
+        "cut at the end of the grace period"
+    );
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns after the grace period")
+        .unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
