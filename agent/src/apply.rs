@@ -208,18 +208,22 @@ impl Applier {
 
     /// Server-side applies one object (forced, the agent's field manager) and returns what
     /// was applied and the server's answer.
+    /// `ignored`: JSON pointers of fields to leave out (`ignoreDifferences`).
     pub async fn apply_object(
         &self,
         manifest: &Manifest,
         resolved: &Resolved,
         ownership: &Ownership,
+        ignored: &[String],
     ) -> Result<(AppliedObject, DynamicObject), String> {
         let gvk = manifest.gvk();
         let mut resolved = resolved.clone();
         let mut retried = false;
         loop {
             let key = Self::key_for(manifest, &resolved);
-            let desired = manifest::prepare(&manifest.object, key.namespace.as_deref(), ownership);
+            let mut desired =
+                manifest::prepare(&manifest.object, key.namespace.as_deref(), ownership);
+            manifest::strip_pointers(&mut desired, ignored);
             let api = resolved.api(&self.client, key.namespace.as_deref());
             let params = PatchParams::apply(AGENT_FIELD_MANAGER).force();
             match api

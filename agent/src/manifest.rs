@@ -298,6 +298,44 @@ pub fn prepare(object: &Value, namespace: Option<&str>, ownership: &Ownership) -
     object
 }
 
+/// Fields `ignoreDifferences` may never remove: without them there is no object to apply.
+const PROTECTED_POINTERS: [&str; 6] = [
+    "",
+    "/apiVersion",
+    "/kind",
+    "/metadata",
+    "/metadata/name",
+    "/metadata/namespace",
+];
+
+/// Removes the fields at `pointers` (RFC 6901 JSON pointers) from `object`, so that they are
+/// neither applied (the agent's field manager lets go of them) nor compared for drift.
+/// Pointers to missing fields, and to the object's identity, are ignored.
+pub fn strip_pointers(object: &mut Value, pointers: &[String]) {
+    for pointer in pointers {
+        if PROTECTED_POINTERS.contains(&pointer.as_str()) || !pointer.starts_with('/') {
+            continue;
+        }
+        let Some((parent, last)) = pointer.rsplit_once('/') else {
+            continue;
+        };
+        let last = last.replace("~1", "/").replace("~0", "~");
+        match object.pointer_mut(parent) {
+            Some(Value::Object(map)) => {
+                map.remove(&last);
+            }
+            Some(Value::Array(items)) => {
+                if let Ok(index) = last.parse::<usize>()
+                    && index < items.len()
+                {
+                    items.remove(index);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Identity of an object in the cluster, version-independent.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
@@ -587,6 +625,41 @@ metadata:
         let mut extra_port = defaulted;
         extra_port["spec"]["ports"] = json!([{"port": 80}, {"port": 81}]);
         assert!(!live_matches(&desired, &extra_port));
+    }
+
+    #[test]
+    fn ignored_fields_are_removed_but_never_the_identity() {
+        let mut object = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop",
+                         "annotations": {"example.com/owner": "x", "keep": "y"}},
+            "spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "a"}, {"name": "b"}]}}}
+        });
+        strip_pointers(
+            &mut object,
+            &[
+                "/spec/replicas".into(),
+                "/metadata/annotations/example.com~1owner".into(),
+                "/spec/template/spec/containers/1".into(),
+                "/spec/missing/field".into(),
+                "/metadata/name".into(),
+                "/kind".into(),
+                "spec".into(),
+            ],
+        );
+        assert_eq!(
+            object,
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web", "namespace": "shop", "annotations": {"keep": "y"}},
+                "spec": {"template": {"spec": {"containers": [{"name": "a"}]}}}
+            })
+        );
+        // What is not applied is not compared either.
+        let live = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop", "annotations": {"keep": "y"}},
+            "spec": {"replicas": 7, "template": {"spec": {"containers": [{"name": "a"}]}}}});
+        assert!(live_matches(&object, &live));
     }
 
     #[test]

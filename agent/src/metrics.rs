@@ -36,6 +36,10 @@ pub struct Metrics {
     pub hub_request_errors: Family<EndpointLabels, Counter>,
     /// Events waiting to be delivered to the hub.
     pub events_pending: Gauge,
+    /// Applied objects that drifted and were not put back (`driftPolicy: Detect`).
+    pub drifted_objects: Gauge,
+    /// Drift episodes reported (corrected or not).
+    pub drift_episodes: Counter,
     ready: AtomicBool,
 }
 
@@ -48,6 +52,18 @@ impl Default for Metrics {
         let last_successful_sync = Gauge::<f64, AtomicU64>::default();
         let hub_request_errors = Family::<EndpointLabels, Counter>::default();
         let events_pending = Gauge::default();
+        let drifted_objects = Gauge::default();
+        let drift_episodes = Counter::default();
+        registry.register(
+            "drifted_objects",
+            "Applied objects that drifted and were not put back (driftPolicy: Detect)",
+            drifted_objects.clone(),
+        );
+        registry.register(
+            "drift_episodes",
+            "Drift episodes reported, corrected or not",
+            drift_episodes.clone(),
+        );
         registry.register(
             "applies",
             "Objects applied with server-side apply",
@@ -86,6 +102,8 @@ impl Default for Metrics {
             last_successful_sync,
             hub_request_errors,
             events_pending,
+            drifted_objects,
+            drift_episodes,
             ready: AtomicBool::new(false),
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use brokkr_crds::wire::{EventStatus, EventType};
 use brokkr_crds::{
-    AGENT_LABEL, CHECKSUM_ANNOTATION, DEPLOYMENT_OBJECT_ANNOTATION, DeletionPolicy, STACK_LABEL,
-    StackPolicy,
+    AGENT_LABEL, CHECKSUM_ANNOTATION, DEPLOYMENT_OBJECT_ANNOTATION, DeletionPolicy, DriftPolicy,
+    IgnoreDifference, STACK_LABEL, StackPolicy,
 };
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -367,6 +367,34 @@ async fn an_edited_or_deleted_object_is_put_back() {
             .then_some(())
     })
     .await;
+    // Each correction is a drift episode, reported as corrected.
+    let drifts = |hub: &FakeHub| {
+        hub.events_for(v1)
+            .into_iter()
+            .filter(|e| e.event_type == EventType::Drift)
+            .map(|e| (e.status, e.message.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    eventually_within(PATIENCE, "two corrected drift episodes", || async {
+        let found = drifts(&hub);
+        (found.len() >= 2).then_some(())
+    })
+    .await;
+    let found = drifts(&hub);
+    assert_eq!(
+        found[0],
+        (
+            EventStatus::Success,
+            format!("1 object drifted: ConfigMap {ns}/settings (changed, corrected)")
+        )
+    );
+    assert_eq!(
+        found[1],
+        (
+            EventStatus::Success,
+            format!("1 object drifted: ConfigMap {ns}/settings (deleted, corrected)")
+        )
+    );
 
     agent.stop().await;
     cluster.cleanup().await;
@@ -1006,6 +1034,179 @@ async fn an_object_replaced_by_someone_else_is_not_deleted() {
     let left = config_maps.get("replaced").await.unwrap();
     assert_eq!(left.metadata.uid, theirs.metadata.uid);
     assert_eq!(left.data.unwrap()["mode"], "theirs");
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+fn config_map_data(object: Option<ConfigMap>, key: &str) -> Option<String> {
+    object
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(key).cloned())
+}
+
+#[tokio::test]
+async fn drift_policy_detect_reports_drift_and_never_writes_until_a_new_version() {
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let config_maps: Api<ConfigMap> = cluster.api();
+    let detect = StackPolicy {
+        drift_policy: DriftPolicy::Detect,
+        ..StackPolicy::default()
+    };
+
+    let stack = Uuid::now_v7();
+    let documents = |value: &str| {
+        vec![
+            config_map_yaml("settings", &ns, value),
+            config_map_yaml("other", &ns, value),
+        ]
+    };
+    let v1 = hub.publish(stack, &with_policy(&detect, &documents("fast")));
+    let agent = start_agent(config_in(&hub, &cluster), cluster.client.clone()).await;
+    hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
+        .await;
+
+    config_maps
+        .patch(
+            "settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"mode": "slow"}})),
+        )
+        .await
+        .unwrap();
+    let drift = hub
+        .wait_for_event(v1, EventType::Drift, EventStatus::Failure)
+        .await;
+    assert_eq!(
+        drift.message.as_deref(),
+        Some(
+            format!("1 object drifted: ConfigMap {ns}/settings (changed, not corrected)").as_str()
+        )
+    );
+    config_maps
+        .delete("other", &DeleteParams::default())
+        .await
+        .unwrap();
+    let message = format!(
+        "2 objects drifted: ConfigMap {ns}/other (deleted, not corrected); ConfigMap {ns}/settings (changed, not corrected)"
+    );
+    eventually_within(PATIENCE, "the second drift episode", || async {
+        hub.events_for(v1)
+            .into_iter()
+            .find(|e| e.event_type == EventType::Drift && e.message.as_deref() == Some(&message))
+    })
+    .await;
+    eventually_within(PATIENCE, "the drifted-objects metric", || async {
+        let metrics = get_text(agent.metrics_addr, "/metrics").await.1;
+        metrics
+            .lines()
+            .any(|l| l == "brokkr_agent_drifted_objects 2")
+            .then_some(())
+    })
+    .await;
+    // Nothing was written back, and the unchanged drift is not reported again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        config_map_data(config_maps.get_opt("settings").await.unwrap(), "mode").as_deref(),
+        Some("slow")
+    );
+    assert!(config_maps.get_opt("other").await.unwrap().is_none());
+    let episodes = hub
+        .events_for(v1)
+        .into_iter()
+        .filter(|e| e.event_type == EventType::Drift)
+        .count();
+    assert_eq!(episodes, 2);
+
+    // A new version is applied as usual.
+    let v2 = hub.publish(stack, &with_policy(&detect, &documents("fast")));
+    hub.wait_for_event(v2, EventType::Apply, EventStatus::Success)
+        .await;
+    assert_eq!(
+        config_map_data(config_maps.get_opt("settings").await.unwrap(), "mode").as_deref(),
+        Some("fast")
+    );
+    assert!(config_maps.get_opt("other").await.unwrap().is_some());
+
+    agent.stop().await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test]
+async fn ignored_differences_are_neither_applied_nor_corrected() {
+    let cluster = cluster().await;
+    let hub = FakeHub::start().await;
+    let ns = cluster.namespace.clone();
+    let config_maps: Api<ConfigMap> = cluster.api();
+    let mut config = config_in(&hub, &cluster);
+    config.resync_interval = Duration::from_secs(1);
+    let policy = StackPolicy {
+        ignore_differences: vec![IgnoreDifference {
+            kind: "ConfigMap".into(),
+            name: Some("settings".into()),
+            json_pointers: vec!["/data/level".into()],
+            ..IgnoreDifference::default()
+        }],
+        ..StackPolicy::default()
+    };
+    let manifest = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {ns}\ndata:\n  mode: fast\n  level: \"1\"\n"
+    );
+    let stack = Uuid::now_v7();
+    let v1 = hub.publish(stack, &with_policy(&policy, &[manifest]));
+    let agent = start_agent(config, cluster.client.clone()).await;
+    hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
+        .await;
+    // Left to whoever else manages it (as /spec/replicas is to an HPA).
+    let live = config_maps.get_opt("settings").await.unwrap();
+    assert_eq!(
+        config_map_data(live.clone(), "mode").as_deref(),
+        Some("fast")
+    );
+    assert_eq!(config_map_data(live, "level"), None);
+
+    config_maps
+        .patch(
+            "settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"level": "9"}})),
+        )
+        .await
+        .unwrap();
+    // Resyncs and the watch come and go: the ignored field is not drift.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        config_map_data(config_maps.get_opt("settings").await.unwrap(), "level").as_deref(),
+        Some("9")
+    );
+    assert!(
+        hub.events_for(v1)
+            .iter()
+            .all(|e| e.event_type != EventType::Drift)
+    );
+
+    // Any other field is still put back.
+    config_maps
+        .patch(
+            "settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"mode": "slow"}})),
+        )
+        .await
+        .unwrap();
+    hub.wait_for_event(v1, EventType::Drift, EventStatus::Success)
+        .await;
+    eventually_within(PATIENCE, "the edit to be reverted", || async {
+        let live = config_maps.get_opt("settings").await.unwrap();
+        (config_map_data(live, "mode").as_deref() == Some("fast")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        config_map_data(config_maps.get_opt("settings").await.unwrap(), "level").as_deref(),
+        Some("9")
+    );
 
     agent.stop().await;
     cluster.cleanup().await;

@@ -34,7 +34,7 @@ pub use crdgen::{
     CHART_CRDS_DIR, all_crds, crd_file_name, crds_yaml, rendered_crd_files, write_crd_files,
 };
 pub use generator::{Generator, GeneratorSpec, GeneratorStatus};
-pub use policy::{DeletionPolicy, StackPolicy};
+pub use policy::{DeletionPolicy, DriftPolicy, IgnoreDifference, StackPolicy};
 pub use stack::{
     AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS, Stack,
     StackAgentStatus, StackSpec, StackStatus, ready_ratio,

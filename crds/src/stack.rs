@@ -115,6 +115,18 @@ pub struct StackSpec {
     /// with Brokkr's `brokkr.io/*` labels and annotations removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<crate::DeletionPolicy>,
+
+    /// What agents do when an object they applied is changed or deleted on the spoke:
+    /// `Correct` (the default) puts it back; `Detect` never writes because of drift and only
+    /// reports it (new versions of the Stack are still applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_policy: Option<crate::DriftPolicy>,
+
+    /// Fields that agents neither compare nor apply, per group and kind (and optionally name
+    /// and namespace), as JSON pointers, e.g. `{group: apps, kind: Deployment, jsonPointers:
+    /// [/spec/replicas]}` for Deployments scaled by a HorizontalPodAutoscaler.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_differences: Vec<crate::IgnoreDifference>,
 }
 
 impl StackSpec {
@@ -123,6 +135,8 @@ impl StackSpec {
         crate::StackPolicy {
             adopt_existing: self.adopt_existing,
             deletion_policy: self.deletion_policy.unwrap_or_default(),
+            drift_policy: self.drift_policy.unwrap_or_default(),
+            ignore_differences: self.ignore_differences.clone(),
         }
     }
 }

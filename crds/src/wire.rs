@@ -90,6 +90,10 @@ pub enum EventType {
     Delete,
     /// The health of what was applied changed.
     Health,
+    /// Applied objects were changed or deleted on the spoke (one event per episode):
+    /// `Success` when the agent put them back, `Failure` when it did not (`driftPolicy:
+    /// Detect`). Hubs that predate it refuse the event; the agent then drops it alone.
+    Drift,
 }
 
 impl EventType {
@@ -98,6 +102,7 @@ impl EventType {
             EventType::Apply => "Apply",
             EventType::Delete => "Delete",
             EventType::Health => "Health",
+            EventType::Drift => "Drift",
         }
     }
 }

@@ -57,6 +57,7 @@ async fn a_policy_change_is_a_new_revision_and_the_deletion_marker_keeps_the_las
     let policy = StackPolicy {
         adopt_existing: true,
         deletion_policy: DeletionPolicy::Orphan,
+        ..StackPolicy::default()
     };
     assert_eq!(
         StackPolicy::from_yaml(&objects[1].yaml_content),

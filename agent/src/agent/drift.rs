@@ -1,6 +1,8 @@
 //! Drift: a watch per applied kind (selected by the agent label; labels only *find* objects
-//! here, they never make an object the agent's), and the debounced re-apply of stacks whose
-//! objects were changed or deleted.
+//! here, they never make an object the agent's) and the debounced sync of stacks whose
+//! objects were changed or deleted. The sync itself finds the drift (it reads every live
+//! object anyway) and corrects it, or with `driftPolicy: Detect` only compares; either way
+//! each drift episode is reported as a `Drift` event ([`drift_message`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -14,9 +16,58 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use brokkr_crds::wire::{EventStatus, EventType};
+
 use super::Worker;
+use super::sync::StackState;
 use crate::apply::{AppliedObject, KindKey, Resolved};
 use crate::manifest::{self, ObjectKey};
+
+/// How an applied object drifted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Change {
+    /// It no longer holds what was applied.
+    Changed,
+    /// It was deleted.
+    Deleted,
+}
+
+impl Change {
+    fn as_str(self) -> &'static str {
+        match self {
+            Change::Changed => "changed",
+            Change::Deleted => "deleted",
+        }
+    }
+}
+
+/// The `Drift` event of one episode: `Success` when every object was put back, else
+/// `Failure`; each object named with what happened to it.
+pub(super) fn drift_message(drift: &BTreeMap<ObjectKey, (Change, bool)>) -> (EventStatus, String) {
+    let all_corrected = drift.values().all(|(_, corrected)| *corrected);
+    let objects: Vec<String> = drift
+        .iter()
+        .map(|(key, (change, corrected))| {
+            let fate = if *corrected {
+                "corrected"
+            } else {
+                "not corrected"
+            };
+            format!("{key} ({}, {fate})", change.as_str())
+        })
+        .collect();
+    let count = drift.len();
+    let plural = if count == 1 { "object" } else { "objects" };
+    let status = if all_corrected {
+        EventStatus::Success
+    } else {
+        EventStatus::Failure
+    };
+    (
+        status,
+        format!("{count} {plural} drifted: {}", objects.join("; ")),
+    )
+}
 
 /// The worker's drift bookkeeping.
 pub(super) struct Drift {
@@ -202,5 +253,74 @@ impl Worker {
         }
         // Reap finished (aborted) watch tasks.
         while self.drift.watch_tasks.try_join_next().is_some() {}
+    }
+
+    /// Reports a drift episode: every correction is one (the next drift is another); drift
+    /// left in place is reported again only when the set of drifted objects changes.
+    pub(super) fn report_drift(
+        &mut self,
+        stack: &mut StackState,
+        drift: &BTreeMap<ObjectKey, (Change, bool)>,
+    ) {
+        let uncorrected: BTreeMap<ObjectKey, Change> = drift
+            .iter()
+            .filter(|(_, (_, corrected))| !corrected)
+            .map(|(key, (change, _))| (key.clone(), *change))
+            .collect();
+        let corrected = drift.values().any(|(_, corrected)| *corrected);
+        let repeat = !corrected && uncorrected == stack.drift;
+        if uncorrected.is_empty() && !stack.drift.is_empty() {
+            tracing::info!("drift is gone: the objects hold what was applied again");
+        }
+        stack.drift = uncorrected;
+        if drift.is_empty() || repeat {
+            return;
+        }
+        let (status, message) = drift_message(drift);
+        tracing::info!(status = status.as_str(), %message, "drift");
+        self.metrics.drift_episodes.inc();
+        self.reporter.report(
+            stack.desired.deployment_object_id,
+            EventType::Drift,
+            status,
+            Some(message),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            group: String::new(),
+            kind: "ConfigMap".into(),
+            namespace: Some("shop".into()),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_drift_event_names_each_object_and_whether_it_was_put_back() {
+        let corrected = BTreeMap::from([(key("a"), (Change::Changed, true))]);
+        assert_eq!(
+            drift_message(&corrected),
+            (
+                EventStatus::Success,
+                "1 object drifted: ConfigMap shop/a (changed, corrected)".into()
+            )
+        );
+        let detected = BTreeMap::from([
+            (key("a"), (Change::Changed, false)),
+            (key("b"), (Change::Deleted, false)),
+        ]);
+        assert_eq!(
+            drift_message(&detected),
+            (
+                EventStatus::Failure,
+                "2 objects drifted: ConfigMap shop/a (changed, not corrected); ConfigMap shop/b (deleted, not corrected)".into()
+            )
+        );
     }
 }

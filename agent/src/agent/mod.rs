@@ -470,6 +470,10 @@ impl Worker {
                 failed: s.failed,
             })
             .collect();
+        let drifted: usize = self.stacks.values().map(|s| s.drift.len()).sum();
+        self.metrics
+            .drifted_objects
+            .set(i64::try_from(drifted).unwrap_or(i64::MAX));
         let mut status = lock(&self.status);
         status.state = state.to_owned();
         status.stacks = stacks;

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use brokkr_crds::StackPolicy;
 use brokkr_crds::wire::{DesiredStack, EventStatus, EventType, Health};
+use brokkr_crds::{DEPLOYMENT_OBJECT_ANNOTATION, DriftPolicy, StackPolicy};
 use futures::future::join_all;
 use kube::ResourceExt;
 use tokio::time::Instant;
@@ -16,6 +16,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Worker;
+use super::drift::Change;
 use crate::apply::{AppliedObject, Applier, FRESH_KIND_ATTEMPTS, KindKey, ObjectFailure};
 use crate::hub::{Endpoint, error_chain};
 use crate::inventory::{self, Claim, Entry, Inventory, Live};
@@ -49,6 +50,10 @@ pub(super) struct StackState {
     pub(super) attempt: u32,
     /// Objects removed so far by the deletion under way (it may take several attempts).
     pub(super) removed: usize,
+    /// The deployment object last applied in this process.
+    pub(super) applied_for: Option<Uuid>,
+    /// Drift found and not corrected (driftPolicy: Detect), as last reported.
+    pub(super) drift: BTreeMap<ObjectKey, Change>,
 }
 
 impl StackState {
@@ -65,6 +70,8 @@ impl StackState {
             retry_at: None,
             attempt: 0,
             removed: 0,
+            applied_for: None,
+            drift: BTreeMap::new(),
         }
     }
 
@@ -323,11 +330,18 @@ impl Worker {
             .collect();
         let mut outcome = ApplyOutcome::default();
         let mut crds: Vec<ObjectKey> = Vec::new();
+        let do_id = stack.desired.deployment_object_id;
+        let detect = policy.drift_policy == DriftPolicy::Detect;
+        // Drift found on the way (live objects that no longer hold what was applied), and
+        // the objects only compared (Detect), which are not written.
+        let mut found: BTreeMap<ObjectKey, Change> = BTreeMap::new();
+        let mut compared: BTreeSet<ObjectKey> = BTreeSet::new();
         for phase in [Phase::Namespaces, Phase::Crds, Phase::Rest] {
             if phase == Phase::Rest {
                 self.wait_for_crds(&crds, &mut outcome).await;
             }
-            let mut planned: Vec<(&Manifest, crate::apply::Resolved, ObjectKey)> = Vec::new();
+            let mut planned: Vec<(&Manifest, crate::apply::Resolved, ObjectKey, Vec<String>)> =
+                Vec::new();
             for manifest in manifests.iter().filter(|m| m.phase() == phase) {
                 let kind = (manifest.group().to_owned(), manifest.kind.clone());
                 let attempts = if fresh_kinds.contains(&kind) {
@@ -352,8 +366,15 @@ impl Worker {
                         continue;
                     }
                 };
-                let live = live.as_ref().map(Live::of);
+                let object = live;
+                let live = object.as_ref().map(Live::of);
                 let owner = self.owner_elsewhere(stack_id, &key);
+                let ignored = policy.ignored_pointers(
+                    &key.group,
+                    &key.kind,
+                    key.namespace.as_deref(),
+                    &key.name,
+                );
                 match inventory::claim(
                     &key,
                     live.as_ref(),
@@ -362,8 +383,60 @@ impl Worker {
                     owner,
                     policy.adopt_existing,
                 ) {
-                    Claim::Create => inventory.intend(entry_for(manifest, &key, None)),
-                    Claim::Ours { uid } => inventory.intend(entry_for(manifest, &key, Some(uid))),
+                    Claim::Create => {
+                        let was_applied = stack.applied.contains_key(&key)
+                            && inventory.entries.get(&key).is_some_and(|e| e.uid.is_some());
+                        if was_applied {
+                            found.insert(key.clone(), Change::Deleted);
+                            if detect && stack.applied_for == Some(do_id) {
+                                // Detect never writes: the object stays deleted (and is
+                                // still what the stack holds).
+                                if let Some(previous) = stack.applied.get(&key) {
+                                    outcome.applied.insert(key.clone(), previous.clone());
+                                    compared.insert(key);
+                                }
+                                continue;
+                            }
+                        }
+                        inventory.intend(entry_for(manifest, &key, None));
+                    }
+                    Claim::Ours { uid } => {
+                        let value = object
+                            .as_ref()
+                            .and_then(|o| serde_json::to_value(o).ok())
+                            .unwrap_or_default();
+                        if let Some(previous) = stack.applied.get(&key)
+                            && !manifest::live_matches(&previous.desired, &value)
+                        {
+                            found.insert(key.clone(), Change::Changed);
+                        }
+                        let current = object.as_ref().is_some_and(|o| {
+                            o.annotations().get(DEPLOYMENT_OBJECT_ANNOTATION)
+                                == Some(&do_id.to_string())
+                        });
+                        inventory.intend(entry_for(manifest, &key, Some(uid)));
+                        if detect && current {
+                            // Already applied for this version: compare, never write.
+                            let mut desired = manifest::prepare(
+                                &manifest.object,
+                                key.namespace.as_deref(),
+                                &ownership,
+                            );
+                            manifest::strip_pointers(&mut desired, &ignored);
+                            if !manifest::live_matches(&desired, &value) {
+                                found.insert(key.clone(), Change::Changed);
+                            }
+                            compared.insert(key.clone());
+                            outcome.applied.insert(
+                                key,
+                                AppliedObject {
+                                    resource: resolved,
+                                    desired,
+                                },
+                            );
+                            continue;
+                        }
+                    }
                     Claim::Adopt { uid } => {
                         tracing::info!(object = %key, "taking over an existing object (adoptExisting)");
                         inventory.intend(entry_for(manifest, &key, Some(uid)));
@@ -373,7 +446,7 @@ impl Worker {
                         continue;
                     }
                 }
-                planned.push((manifest, resolved, key));
+                planned.push((manifest, resolved, key, ignored));
             }
             if planned.is_empty() {
                 continue;
@@ -381,15 +454,15 @@ impl Worker {
             // The intent is recorded before anything is applied: an agent that stops in
             // between still finds what it may have created.
             if let Err(message) = self.save_inventory(&inventory).await {
-                for (_, _, key) in planned {
+                for (_, _, key, _) in planned {
                     outcome.fail(key.to_string(), message.clone());
                 }
                 continue;
             }
-            for (manifest, resolved, key) in planned {
+            for (manifest, resolved, key, ignored) in planned {
                 match self
                     .applier
-                    .apply_object(manifest, &resolved, &ownership)
+                    .apply_object(manifest, &resolved, &ownership, &ignored)
                     .await
                 {
                     Ok((applied, object)) => {
@@ -406,7 +479,17 @@ impl Worker {
         if let Err(message) = self.save_inventory(&inventory).await {
             outcome.fail(inventory::name_of(stack_id), message);
         }
-        self.metrics.applies.inc_by(outcome.applied.len() as u64);
+        let written = outcome.applied.len() - compared.len();
+        self.metrics.applies.inc_by(written as u64);
+        let drift: BTreeMap<ObjectKey, (Change, bool)> = found
+            .into_iter()
+            .map(|(key, change)| {
+                let corrected = outcome.applied.contains_key(&key) && !compared.contains(&key);
+                (key, (change, corrected))
+            })
+            .collect();
+        self.report_drift(stack, &drift);
+        stack.applied_for = Some(do_id);
         self.metrics
             .apply_failures
             .inc_by(outcome.failures.len() as u64);
