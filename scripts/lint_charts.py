@@ -231,7 +231,7 @@ def scenarios() -> list[Scenario]:
                   "ClusterRoleBinding": 1, "Secret": 1, "ConfigMap": 1},
                  [check_agent_key_secret, check_hub_ca]),
         Scenario("brokkr-agent", "ci/production-values.yaml", agent_prod, "brokkr-agent",
-                 {"Deployment": 1, "ServiceAccount": 1, "Role": 2, "RoleBinding": 2,
+                 {"Deployment": 1, "ServiceAccount": 1, "Role": 3, "RoleBinding": 3,
                   "Service": 1, "ServiceMonitor": 1},
                  [check_agent_rbac, check_agent_key_secret, check_hub_ca],
                  external={agent_prod["agentKey"]["existingSecret"], agent_prod["hub"]["caConfigMap"]}),
@@ -715,11 +715,17 @@ def check_agent_rbac(r: Rendered) -> None:
                 "agent scope cluster: a ClusterRole with every verb on every resource")
         R.check(not r.of("Role"), "agent scope cluster: no Roles")
     else:
-        namespaces = sorted(d["metadata"]["namespace"] for d in r.of("Role"))
+        inventory = [d for d in r.of("Role") if d["metadata"]["name"].endswith("-inventory")]
+        roles = [d for d in r.of("Role") if d not in inventory]
+        namespaces = sorted(d["metadata"]["namespace"] for d in roles)
         R.check(namespaces == sorted(r.merged["rbac"]["namespaces"]),
                 "agent scope namespaces: one Role per listed namespace", repr(namespaces))
-        R.check(all(rules_table(d.get("rules", [])) == everything for d in r.of("Role")),
+        R.check(all(rules_table(d.get("rules", [])) == everything for d in roles),
                 "agent scope namespaces: every verb on every resource, in those namespaces only")
+        R.check(len(inventory) == 1
+                and all(rule.get("resources") == ["configmaps"] and rule.get("apiGroups") == [""]
+                        for rule in inventory[0].get("rules", [])),
+                "agent scope namespaces: its inventories (ConfigMaps) in its own namespace only")
         R.check(not r.of("ClusterRole") and not r.of("ClusterRoleBinding"),
                 "agent scope namespaces: no cluster-wide grant")
     R.check("kubectl get agents" in r.notes, "NOTES.txt: how to check the agent on the hub")
