@@ -24,6 +24,8 @@ pub struct Metrics {
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     pub leader: Gauge,
     pub api: ApiMetrics,
+    /// How current this replica's cached desired state is kept.
+    pub feed: FeedMetrics,
     /// Large shrinks of a stack's target set recomputed from the API server first.
     pub target_shrinks_confirmed: Counter,
 }
@@ -60,6 +62,7 @@ impl Default for Metrics {
             leader.clone(),
         );
         let api = ApiMetrics::register(&mut registry);
+        let feed = FeedMetrics::register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             reconciles,
@@ -67,6 +70,7 @@ impl Default for Metrics {
             reconcile_seconds,
             leader,
             api,
+            feed,
             target_shrinks_confirmed,
         }
     }
@@ -192,5 +196,46 @@ impl ApiMetrics {
         self.key_lookups
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+}
+
+/// The change feed that keeps each replica's cached desired state current.
+#[derive(Clone, Default)]
+pub struct FeedMetrics {
+    /// Notifications whose payload did not parse; they are ignored.
+    pub notifications_ignored: Counter,
+    /// LISTEN connections replaced (lost, or failing their periodic check); every cached
+    /// view is dropped then, since notifications may have been missed.
+    pub listener_reconnects: Counter,
+    /// Cached views compared with PostgreSQL by the periodic re-validation.
+    pub views_revalidated: Counter,
+    /// Cached views the re-validation found stale and replaced (a missed notification).
+    pub stale_views_corrected: Counter,
+}
+
+impl FeedMetrics {
+    fn register(registry: &mut Registry) -> FeedMetrics {
+        let metrics = FeedMetrics::default();
+        registry.register(
+            "feed_notifications_ignored",
+            "Desired-state notifications ignored because their payload did not parse",
+            metrics.notifications_ignored.clone(),
+        );
+        registry.register(
+            "feed_listener_reconnects",
+            "LISTEN connections replaced after being lost or failing their periodic check",
+            metrics.listener_reconnects.clone(),
+        );
+        registry.register(
+            "feed_views_revalidated",
+            "Cached desired-state views compared with PostgreSQL by the periodic re-validation",
+            metrics.views_revalidated.clone(),
+        );
+        registry.register(
+            "feed_stale_views_corrected",
+            "Cached desired-state views found stale by the periodic re-validation and replaced",
+            metrics.stale_views_corrected.clone(),
+        );
+        metrics
     }
 }

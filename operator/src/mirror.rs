@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use brokkr_crds::{Agent, Stack};
 use kube::runtime::reflector::ObjectRef;
-use sea_orm::sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::store::Store;
+use crate::api::changes::FeedTiming;
+use crate::store::{self, Store};
 
 pub const STATUS_CHANNEL: &str = "brokkr_status";
 pub const AGENTS_CHANNEL: &str = "brokkr_agents";
@@ -44,14 +44,27 @@ pub async fn listen(database_url: String, triggers: Triggers) {
     }
 }
 
+/// Returns when the connection is lost or fails its periodic check (the same check as the
+/// change feed's: a half-open connection would otherwise go quiet for good).
 async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_orm::sqlx::Error> {
-    let mut listener = PgListener::connect(database_url).await?;
-    listener
-        .listen_all([STATUS_CHANNEL, AGENTS_CHANNEL])
-        .await?;
+    let mut listener = store::listen(database_url, &[STATUS_CHANNEL, AGENTS_CHANNEL]).await?;
     info!("listening for agent reports");
+    let timing = FeedTiming::default();
+    let mut check = tokio::time::interval(timing.listener_check_interval);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.reset();
     loop {
-        let notification = listener.recv().await?;
+        let received = tokio::select! {
+            received = listener.try_recv() => received?,
+            _ = check.tick() => {
+                store::check_listener(&mut listener, timing.listener_check_timeout).await?;
+                continue;
+            }
+        };
+        let Some(notification) = received else {
+            warn!("lost the status notification connection; reconnecting");
+            return Ok(());
+        };
         let sent = match notification.channel() {
             STATUS_CHANNEL => match stack_ref(notification.payload()) {
                 Some(stack) => triggers.stacks.send(stack).await.is_ok(),

@@ -8,11 +8,15 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use brokkr_crds::wire::{self, DesiredState};
+use brokkr_operator::api::changes::{DESIRED_CHANNEL, FeedTiming};
 use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
 use brokkr_operator::keys::issue_key;
+use brokkr_operator::metrics::FeedMetrics;
+use brokkr_operator::store;
 use brokkr_operator::store::{AgentKey, AgentSync, GeneratorSync, StackContent, StackSync, Store};
 use brokkr_testdb::TestDb;
 use http_body_util::BodyExt;
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -26,6 +30,8 @@ struct Fixture {
     object: Uuid,
     agent: Uuid,
     key: String,
+    /// The proxy the change feed listens through, if any.
+    proxy: Option<FreezingProxy>,
 }
 
 async fn agent_with_key(store: &Store, name: &str) -> (Uuid, String) {
@@ -61,10 +67,21 @@ fn content(yaml: &str) -> (String, String) {
 
 impl Fixture {
     async fn new() -> Fixture {
+        Fixture::with_feed(ChangeFeed::default(), false).await
+    }
+
+    /// A fixture whose change feed is `changes`, listening through a [`FreezingProxy`]
+    /// when `through_proxy`.
+    async fn with_feed(changes: ChangeFeed, through_proxy: bool) -> Fixture {
         let db = TestDb::new().await;
         let store = Store::new(db.conn().clone());
-        let changes = ChangeFeed::default();
-        tokio::spawn(changes.clone().listen(db.url().to_owned(), store.clone()));
+        let (listen_url, proxy) = if through_proxy {
+            let proxy = FreezingProxy::start(postgres_addr(db.url())).await;
+            (proxy.url(db.url()), Some(proxy))
+        } else {
+            (db.url().to_owned(), None)
+        };
+        tokio::spawn(changes.clone().listen(listen_url, store.clone()));
         let generator = store
             .upsert_generator(&GeneratorSync {
                 resource_uid: Uuid::new_v4(),
@@ -108,6 +125,7 @@ impl Fixture {
             object: synced.deployment_object.unwrap().id,
             agent,
             key,
+            proxy,
         }
     }
 
@@ -538,6 +556,205 @@ async fn a_deletion_marker_waits_for_an_agent_that_was_away_and_leaves_once_it_r
     assert!(after.stacks.is_empty(), "{after:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(f.desired("").await.stacks.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded staleness: the change feed's LISTEN connection and cached views
+
+/// A TCP proxy to PostgreSQL whose connections can be frozen: they stay open and pass
+/// nothing more, like a connection whose server or network path is gone without a word
+/// (half-open). Connections made after a freeze work.
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, _) = tokio::sync::watch::channel(0u64);
+        let freezes = freeze.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut frozen = freezes.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = frozen.changed() => {
+                            // Hold both ends open, passing nothing, until the test ends.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        FreezingProxy { addr, freeze }
+    }
+
+    /// `url` (the test database's) through this proxy.
+    fn url(&self, url: &str) -> String {
+        let (_, database) = url.rsplit_once('/').unwrap();
+        format!("postgres://postgres@{}/{database}", self.addr)
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) {
+        self.freeze.send_modify(|n| *n += 1);
+    }
+}
+
+fn postgres_addr(url: &str) -> std::net::SocketAddr {
+    let host = url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(host, _)| host)
+        .unwrap();
+    host.parse().unwrap()
+}
+
+/// Checks and re-validation fast enough for tests.
+fn fast(view_revalidation_interval: Duration) -> FeedTiming {
+    FeedTiming {
+        listener_check_interval: Duration::from_millis(500),
+        listener_check_timeout: Duration::from_millis(500),
+        view_revalidation_interval,
+    }
+}
+
+#[tokio::test]
+async fn a_change_made_while_the_listeners_backend_is_terminated_still_reaches_a_long_poll() {
+    let f = Fixture::new().await;
+    let cursor = f.desired("").await.cursor;
+    let query = format!("?since={cursor}&wait=20");
+    let poll = f.desired(&query);
+    let kill_then_change = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = f
+            .store
+            .connection()
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = '{}'",
+                    store::LISTENER_APPLICATION_NAME
+                ),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(killed.len(), 1, "the feed's LISTEN connection");
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n")
+            .await
+    };
+    let started = Instant::now();
+    let (desired, object) = tokio::join!(poll, kill_then_change);
+    assert_eq!(desired.stacks[0].deployment_object_id, object);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_half_open_listener_connection_is_replaced_and_the_change_arrives_within_the_bound() {
+    // Re-validation effectively off: only the listener's check can notice.
+    let metrics = FeedMetrics::default();
+    let changes = ChangeFeed::default()
+        .with_timing(fast(Duration::from_secs(3600)))
+        .with_metrics(metrics.clone());
+    let f = Fixture::with_feed(changes, true).await;
+    let cursor = f.desired("").await.cursor;
+    let reconnects_before = metrics.listener_reconnects.get();
+
+    f.proxy.as_ref().unwrap().freeze();
+    let query = format!("?since={cursor}&wait=20");
+    let poll = f.desired(&query);
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n")
+            .await
+    };
+    let started = Instant::now();
+    let (desired, object) = tokio::join!(poll, change);
+    assert_eq!(
+        desired.stacks[0].deployment_object_id,
+        object,
+        "the change arrived after {:?}",
+        started.elapsed()
+    );
+    // Check interval + timeout (1 s here) plus reconnecting, well under the 20 s wait.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(metrics.listener_reconnects.get() > reconnects_before);
+}
+
+#[tokio::test]
+async fn a_change_whose_notification_was_lost_reaches_a_long_poll_by_revalidation() {
+    let metrics = FeedMetrics::default();
+    let changes = ChangeFeed::default()
+        .with_timing(fast(Duration::from_secs(1)))
+        .with_metrics(metrics.clone());
+    let f = Fixture::with_feed(changes, false).await;
+    let cursor = f.desired("").await.cursor;
+    // A write whose notification is lost: the trigger is off while it is made.
+    let exec = |sql: &'static str| {
+        let conn = f.store.connection().clone();
+        async move { conn.execute_unprepared(sql).await.unwrap() }
+    };
+    exec("ALTER TABLE deployment_objects DISABLE TRIGGER notify_deployment_objects_inserted").await;
+    let object = f
+        .new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n")
+        .await;
+    exec("ALTER TABLE deployment_objects ENABLE TRIGGER notify_deployment_objects_inserted").await;
+
+    let started = Instant::now();
+    let desired = f.desired(&format!("?since={cursor}&wait=20")).await;
+    assert_eq!(desired.stacks[0].deployment_object_id, object);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(metrics.stale_views_corrected.get() >= 1);
+    assert!(metrics.views_revalidated.get() >= 1);
+}
+
+#[tokio::test]
+async fn a_notification_that_does_not_parse_is_ignored_and_counted() {
+    let metrics = FeedMetrics::default();
+    let changes = ChangeFeed::default().with_metrics(metrics.clone());
+    let f = Fixture::with_feed(changes, false).await;
+    let cursor = f.desired("").await.cursor;
+    f.store
+        .connection()
+        .execute_unprepared(&format!(
+            "NOTIFY {DESIRED_CHANNEL}, 'garbage'; NOTIFY {DESIRED_CHANNEL}, 's:not-a-uuid'"
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics.notifications_ignored.get() < 2 {
+        assert!(Instant::now() < deadline, "both notifications counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metrics.listener_reconnects.get(), 0, "the feed carried on");
+    // And it still works.
+    let query = format!("?since={cursor}&wait=20");
+    let poll = f.desired(&query);
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        f.new_version("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n")
+            .await
+    };
+    let (desired, object) = tokio::join!(poll, change);
+    assert_eq!(desired.stacks[0].deployment_object_id, object);
 }
 
 #[tokio::test]

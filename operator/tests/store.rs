@@ -988,6 +988,33 @@ async fn a_deletion_marker_stays_in_each_agents_desired_state_until_that_agent_r
 }
 
 #[tokio::test]
+async fn every_connection_of_the_hub_has_tcp_keepalive() {
+    let f = Fixture::new().await;
+    let setting = "SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_idle'";
+    let pool = sea_orm::Database::connect(brokkr_operator::store::connect_options(f.db.url()))
+        .await
+        .unwrap();
+    let row = pool
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, setting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<String>("", "setting").unwrap(), "30");
+
+    let mut listener = brokkr_operator::store::listen(f.db.url(), &["brokkr_test"])
+        .await
+        .unwrap();
+    let on_listener: String = sea_orm::sqlx::query_scalar(setting)
+        .fetch_one(&mut listener)
+        .await
+        .unwrap();
+    assert_eq!(on_listener, "30");
+    brokkr_operator::store::check_listener(&mut listener, std::time::Duration::from_secs(5))
+        .await
+        .expect("a live LISTEN connection passes its check");
+}
+
+#[tokio::test]
 async fn targeting_is_checked_per_agent_and_stack() {
     let f = Fixture::new().await;
     let generator = f.generator("gen").await;

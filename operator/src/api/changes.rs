@@ -5,18 +5,37 @@
 //!
 //! A stack change is resolved once per notification (one query, however many agents
 //! the stack targets) and patched into the agents' views; see [`super::views`].
+//!
+//! # Bounded staleness
+//!
+//! Notifications can be missed: the LISTEN connection can be lost, or half-open (the
+//! server or the network path gone without a word, which looks exactly like silence). So:
+//!
+//! - every connection has TCP keepalive ([`crate::store::KEEPALIVE`]);
+//! - every [`FeedTiming::listener_check_interval`] (10 s) a query runs on the LISTEN
+//!   connection and must answer within [`FeedTiming::listener_check_timeout`] (5 s); if it
+//!   does not, or the connection is lost, a new one is opened and every cached view is
+//!   dropped, since notifications may have been missed;
+//! - every [`FeedTiming::view_revalidation_interval`] (60 s) every cached view of a
+//!   connected agent is compared with PostgreSQL and replaced (waking the agent) if stale.
+//!
+//! So a replica serves a desired state at most about 60 s older than PostgreSQL's
+//! (the re-validation interval plus its queries), and after a lost or half-open LISTEN
+//! connection at most about 15 s (check interval plus timeout) plus the time to reconnect.
+//! Access changes (suspension, new key) follow the same notifications; without them the
+//! authentication cache bounds them at [`AUTH_CACHE_TTL`] (5 minutes).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sqlx::postgres::PgListener;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::auth::AuthCache;
-use super::views::DesiredViews;
+use super::views::{AgentView, DesiredViews};
 use crate::controllers::error_chain;
-use crate::store::Store;
+use crate::metrics::FeedMetrics;
+use crate::store::{self, Store};
 
 pub const DESIRED_CHANNEL: &str = "brokkr_desired";
 pub const STATUS_CHANNEL: &str = "brokkr_status";
@@ -27,6 +46,30 @@ pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(300);
 
 /// Most notifications handled as one batch (one heads query).
 const MAX_BATCH: usize = 1000;
+
+/// Agents re-validated per query.
+const REVALIDATION_BATCH: usize = 500;
+
+/// How often the change feed proves its LISTEN connection and re-validates cached views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedTiming {
+    /// How often a query runs on the LISTEN connection.
+    pub listener_check_interval: Duration,
+    /// How long that query may take before the connection is replaced.
+    pub listener_check_timeout: Duration,
+    /// How often every cached view is compared with PostgreSQL.
+    pub view_revalidation_interval: Duration,
+}
+
+impl Default for FeedTiming {
+    fn default() -> Self {
+        FeedTiming {
+            listener_check_interval: Duration::from_secs(10),
+            listener_check_timeout: Duration::from_secs(5),
+            view_revalidation_interval: Duration::from_secs(60),
+        }
+    }
+}
 
 /// What may have changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,14 +85,15 @@ pub enum Change {
 }
 
 impl Change {
-    pub fn parse(payload: &str) -> Change {
-        let parsed = match payload.split_once(':') {
+    /// The change a notification names; `None` when its payload does not parse (it is
+    /// then ignored and counted: a stray `NOTIFY` must not flush every replica's views).
+    pub fn parse(payload: &str) -> Option<Change> {
+        match payload.split_once(':') {
             Some(("s", id)) => Uuid::parse_str(id).ok().map(Change::Stack),
             Some(("a", id)) => Uuid::parse_str(id).ok().map(Change::Agent),
             Some(("k", id)) => Uuid::parse_str(id).ok().map(Change::Access),
             _ => None,
-        };
-        parsed.unwrap_or(Change::All)
+        }
     }
 }
 
@@ -62,6 +106,8 @@ struct Held {
 #[derive(Clone)]
 pub struct ChangeFeed {
     held: Arc<Held>,
+    timing: FeedTiming,
+    metrics: FeedMetrics,
 }
 
 impl Default for ChangeFeed {
@@ -71,11 +117,29 @@ impl Default for ChangeFeed {
                 views: DesiredViews::default(),
                 auth: AuthCache::new(AUTH_CACHE_TTL),
             }),
+            timing: FeedTiming::default(),
+            metrics: FeedMetrics::default(),
         }
     }
 }
 
 impl ChangeFeed {
+    /// Checks and re-validation on this schedule instead of [`FeedTiming::default`].
+    pub fn with_timing(mut self, timing: FeedTiming) -> ChangeFeed {
+        self.timing = timing;
+        self
+    }
+
+    /// Records into `metrics` (e.g. [`crate::metrics::Metrics::feed`]).
+    pub fn with_metrics(mut self, metrics: FeedMetrics) -> ChangeFeed {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &FeedMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn views(&self) -> &DesiredViews {
         &self.held.views
     }
@@ -116,11 +180,19 @@ impl ChangeFeed {
     }
 
     /// Listens on PostgreSQL until the process ends, reconnecting after failures
-    /// (and forgetting everything then, since notifications may have been missed).
+    /// (and forgetting everything then, since notifications may have been missed), and
+    /// re-validates the cached views on [`FeedTiming::view_revalidation_interval`].
     pub async fn listen(self, database_url: String, store: Store) {
+        tokio::join!(
+            self.listen_forever(&database_url, &store),
+            self.revalidate_forever(&store)
+        );
+    }
+
+    async fn listen_forever(&self, database_url: &str, store: &Store) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.listen_once(&database_url, &store).await {
+            match self.listen_once(database_url, store).await {
                 Ok(()) => {
                     warn!("lost the PostgreSQL notification connection; reconnecting");
                     delay = Duration::from_millis(200);
@@ -129,41 +201,114 @@ impl ChangeFeed {
                     warn!(error = %err, "PostgreSQL notification connection failed; reconnecting");
                 }
             }
+            self.metrics.listener_reconnects.inc();
             self.forget_all();
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 
-    /// Returns when the connection is lost.
+    /// Returns when the connection is lost or fails its periodic check.
     async fn listen_once(
         &self,
         database_url: &str,
         store: &Store,
     ) -> Result<(), sea_orm::sqlx::Error> {
-        let mut listener = PgListener::connect(database_url).await?;
-        listener.listen(DESIRED_CHANNEL).await?;
+        let mut listener = store::listen(database_url, &[DESIRED_CHANNEL]).await?;
         info!(
             channel = DESIRED_CHANNEL,
             "listening for desired-state changes"
         );
         // Anything written while we were not listening is unknown.
         self.forget_all();
+        let mut check = tokio::time::interval(self.timing.listener_check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
         let mut batch = Vec::new();
-        // `try_recv` (unlike `recv`) reports a lost connection, after which
-        // notifications may have been missed.
-        while let Some(notification) = listener.try_recv().await? {
+        loop {
+            // `try_recv` (unlike `recv`) reports a lost connection, after which
+            // notifications may have been missed. It is cancel-safe: a notification
+            // half-read when the check comes is read in full afterwards.
+            let received = tokio::select! {
+                received = listener.try_recv() => received?,
+                _ = check.tick() => {
+                    store::check_listener(&mut listener, self.timing.listener_check_timeout)
+                        .await?;
+                    continue;
+                }
+            };
+            let Some(notification) = received else {
+                return Ok(());
+            };
             batch.clear();
-            batch.push(Change::parse(notification.payload()));
+            self.parse_into(&mut batch, notification.payload());
             while batch.len() < MAX_BATCH {
                 match listener.next_buffered() {
-                    Some(notification) => batch.push(Change::parse(notification.payload())),
+                    Some(notification) => self.parse_into(&mut batch, notification.payload()),
                     None => break,
                 }
             }
             self.apply(store, &batch).await;
         }
-        Ok(())
+    }
+
+    fn parse_into(&self, batch: &mut Vec<Change>, payload: &str) {
+        match Change::parse(payload) {
+            Some(change) => batch.push(change),
+            None => {
+                self.metrics.notifications_ignored.inc();
+                warn!(
+                    channel = DESIRED_CHANNEL,
+                    payload_len = payload.len(),
+                    "ignored a notification whose payload does not parse"
+                );
+            }
+        }
+    }
+
+    async fn revalidate_forever(&self, store: &Store) {
+        let mut tick = tokio::time::interval(self.timing.view_revalidation_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tick.tick().await;
+            self.revalidate(store).await;
+        }
+    }
+
+    /// Compares every cached view of a connected agent with PostgreSQL and replaces (and
+    /// wakes) the stale ones. Returns how many were stale. If PostgreSQL cannot answer,
+    /// every view is dropped: what cannot be checked is not served from memory.
+    pub async fn revalidate(&self, store: &Store) -> usize {
+        let candidates = self.views().revalidation_candidates();
+        let mut stale = 0;
+        for chunk in candidates.chunks(REVALIDATION_BATCH) {
+            let agent_ids: Vec<Uuid> = chunk.iter().map(|(agent_id, _)| *agent_id).collect();
+            let mut desired = match store.desired_for_agents(&agent_ids).await {
+                Ok(desired) => desired,
+                Err(err) => {
+                    warn!(error = %error_chain(&err), "could not re-validate the cached desired state; every agent re-reads it");
+                    self.views().forget_all();
+                    return stale;
+                }
+            };
+            for (agent_id, generation) in chunk {
+                let entries = desired.remove(agent_id).unwrap_or_default();
+                let view = AgentView::new(0, entries);
+                if self.views().revalidate(*agent_id, *generation, view) {
+                    stale += 1;
+                }
+            }
+            self.metrics.views_revalidated.inc_by(chunk.len() as u64);
+        }
+        if stale > 0 {
+            self.metrics.stale_views_corrected.inc_by(stale as u64);
+            warn!(
+                stale,
+                "re-validation found stale desired-state views (missed notifications) and replaced them"
+            );
+        }
+        stale
     }
 }
 
@@ -174,10 +319,11 @@ mod tests {
     #[test]
     fn payloads_name_a_stack_or_an_agent() {
         let id = Uuid::now_v7();
-        assert_eq!(Change::parse(&format!("s:{id}")), Change::Stack(id));
-        assert_eq!(Change::parse(&format!("a:{id}")), Change::Agent(id));
-        assert_eq!(Change::parse(&format!("k:{id}")), Change::Access(id));
-        assert_eq!(Change::parse("garbage"), Change::All);
-        assert_eq!(Change::parse("s:not-a-uuid"), Change::All);
+        assert_eq!(Change::parse(&format!("s:{id}")), Some(Change::Stack(id)));
+        assert_eq!(Change::parse(&format!("a:{id}")), Some(Change::Agent(id)));
+        assert_eq!(Change::parse(&format!("k:{id}")), Some(Change::Access(id)));
+        assert_eq!(Change::parse("garbage"), None);
+        assert_eq!(Change::parse("s:not-a-uuid"), None);
+        assert_eq!(Change::parse(""), None);
     }
 }

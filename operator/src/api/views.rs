@@ -230,6 +230,45 @@ impl DesiredViews {
         }
     }
 
+    /// The agents whose stored views the periodic re-validation compares with PostgreSQL,
+    /// each with the stamp to pass to [`DesiredViews::revalidate`]. Views of agents with no
+    /// waiting request are dropped instead (they are queried again when asked for), so the
+    /// re-validation's cost follows the connected agents.
+    pub fn revalidation_candidates(&self) -> Vec<(Uuid, u64)> {
+        let mut views = self.lock();
+        views
+            .agents
+            .retain(|_, slot| slot.wake.receiver_count() > 0);
+        views
+            .agents
+            .iter()
+            .filter(|(_, slot)| slot.view.is_some())
+            .map(|(agent_id, slot)| (*agent_id, slot.generation))
+            .collect()
+    }
+
+    /// Replaces `agent_id`'s stored view with `view` (queried after
+    /// [`DesiredViews::revalidation_candidates`] returned `generation`) when they differ and no
+    /// change concerning the agent was applied since, waking its waiters. Returns whether
+    /// the stored view was stale.
+    pub fn revalidate(&self, agent_id: Uuid, generation: u64, view: AgentView) -> bool {
+        let mut views = self.lock();
+        let Some(slot) = views.agents.get_mut(&agent_id) else {
+            return false;
+        };
+        if slot.generation != generation {
+            return false;
+        }
+        match &slot.view {
+            Some(stored) if stored.entries != view.entries => {
+                slot.generation += 1;
+                slot.set(Some(Arc::new(view)));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Drops every view (notifications may have been missed).
     pub fn forget_all(&self) {
         let mut views = self.lock();
@@ -375,6 +414,60 @@ mod tests {
         views.forget_all();
         assert!(other_wake.has_changed().unwrap());
         assert!(views.get(other, 0).is_none());
+    }
+
+    #[test]
+    fn revalidation_replaces_only_stale_views_unchanged_since_and_drops_idle_ones() {
+        let views = DesiredViews::default();
+        let (agent, busy, idle, stack) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        let mut wake = views.subscribe(agent);
+        let _busy_wake = views.subscribe(busy);
+        drop(views.subscribe(idle));
+        for id in [agent, busy, idle] {
+            views.remember(
+                id,
+                views.generation(id),
+                Arc::new(AgentView::new(0, vec![entry(stack, 1)])),
+            );
+        }
+        let mut candidates = views.revalidation_candidates();
+        candidates.sort();
+        let mut expected = vec![
+            (agent, views.generation(agent).unwrap()),
+            (busy, views.generation(busy).unwrap()),
+        ];
+        expected.sort();
+        assert_eq!(candidates, expected, "the idle agent's view is dropped");
+        assert!(views.get(idle, 0).is_none());
+
+        let stamp = |id| candidates.iter().find(|(a, _)| *a == id).unwrap().1;
+        wake.mark_unchanged();
+        assert!(!views.revalidate(
+            agent,
+            stamp(agent),
+            AgentView::new(0, vec![entry(stack, 1)])
+        ));
+        assert!(
+            !wake.has_changed().unwrap(),
+            "an unchanged view wakes no one"
+        );
+        assert!(views.revalidate(
+            agent,
+            stamp(agent),
+            AgentView::new(0, vec![entry(stack, 2)])
+        ));
+        assert!(wake.has_changed().unwrap());
+        assert_eq!(sequences(&views.get(agent, 0).unwrap()), [2]);
+
+        // A change applied while the re-validation queried wins over it.
+        views.apply_heads(&[head(stack, 3, &[busy])]);
+        assert!(!views.revalidate(busy, stamp(busy), AgentView::new(0, vec![entry(stack, 2)])));
+        assert_eq!(sequences(&views.get(busy, 0).unwrap()), [3]);
     }
 
     #[test]

@@ -57,23 +57,48 @@ macro_rules! removal_reported_by_t {
     };
 }
 
-/// One probe per target, so the cost grows with the agent's targets, never with history.
-const DESIRED_FOR_AGENT: &str = concat!(
-    r#"
-SELECT t.stack_id, s.name AS stack_name, d.id AS deployment_object_id, d.sequence_id,
-       d.yaml_checksum, d.is_deletion_marker, s.deleted_at IS NOT NULL AS stack_deleted
+/// The desired-state rows of the agents `t.agent_id` matches by `$agents` (SQL). One probe
+/// per target, so the cost grows with the agents' targets, never with history.
+macro_rules! desired_rows {
+    ($agents:literal) => {
+        concat!(
+            r#"
+SELECT t.agent_id, t.stack_id, s.name AS stack_name, d.id AS deployment_object_id,
+       d.sequence_id, d.yaml_checksum, d.is_deletion_marker,
+       s.deleted_at IS NOT NULL AS stack_deleted
 FROM agent_targets t
 JOIN stacks s ON s.id = t.stack_id
 CROSS JOIN "#,
-    latest_live_object_of_s!(),
-    r#"
-WHERE t.agent_id = $1
+            latest_live_object_of_s!(),
+            "\nWHERE ",
+            $agents,
+            r#"
   AND (s.deleted_at IS NULL OR (d.is_deletion_marker AND NOT "#,
-    removal_reported_by_t!(),
-    r#"))
-ORDER BY t.stack_id
+            removal_reported_by_t!(),
+            r#"))
+ORDER BY t.agent_id, t.stack_id
 "#
-);
+        )
+    };
+}
+
+const DESIRED_FOR_AGENT: &str = desired_rows!("t.agent_id = $1");
+
+/// [`DESIRED_FOR_AGENT`] for a list of agents (the periodic re-validation of cached views).
+const DESIRED_FOR_AGENTS: &str =
+    desired_rows!("t.agent_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)");
+
+#[derive(FromQueryResult)]
+struct AgentDesiredRow {
+    agent_id: Uuid,
+    stack_id: Uuid,
+    stack_name: String,
+    deployment_object_id: Uuid,
+    sequence_id: i64,
+    yaml_checksum: String,
+    is_deletion_marker: bool,
+    stack_deleted: bool,
+}
 
 /// A stack's newest live deployment object, and who it is for: what a change
 /// notification about the stack means for every agent's desired state.
@@ -262,6 +287,33 @@ impl Store {
             entries,
             max_sequence,
         })
+    }
+
+    /// What each of `agent_ids` should hold now (as [`Store::desired_for_agent`]), in one
+    /// query. Agents without targets are absent from the map.
+    pub async fn desired_for_agents(
+        &self,
+        agent_ids: &[Uuid],
+    ) -> StoreResult<HashMap<Uuid, Vec<DesiredEntry>>> {
+        let rows = AgentDesiredRow::find_by_statement(statement(
+            DESIRED_FOR_AGENTS,
+            [sea_orm::Value::from(serde_json::json!(agent_ids))],
+        ))
+        .all(&self.db)
+        .await?;
+        let mut desired: HashMap<Uuid, Vec<DesiredEntry>> = HashMap::new();
+        for row in rows {
+            desired.entry(row.agent_id).or_default().push(DesiredEntry {
+                stack_id: row.stack_id,
+                stack_name: row.stack_name,
+                deployment_object_id: row.deployment_object_id,
+                sequence_id: row.sequence_id,
+                yaml_checksum: row.yaml_checksum,
+                is_deletion_marker: row.is_deletion_marker,
+                stack_deleted: row.stack_deleted,
+            });
+        }
+        Ok(desired)
     }
 
     /// Explains the desired-state query's plan for `agent_id` (EXPLAIN ANALYZE), for
