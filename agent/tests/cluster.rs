@@ -1068,57 +1068,88 @@ async fn drift_policy_detect_reports_drift_and_never_writes_until_a_new_version(
     hub.wait_for_event(v1, EventType::Apply, EventStatus::Success)
         .await;
 
-    config_maps
-        .patch(
-            "settings",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"mode": "slow"}})),
-        )
-        .await
-        .unwrap();
-    let drift = hub
-        .wait_for_event(v1, EventType::Drift, EventStatus::Failure)
-        .await;
-    assert_eq!(
-        drift.message.as_deref(),
-        Some(
-            format!("1 object drifted: ConfigMap {ns}/settings (changed, not corrected)").as_str()
-        )
-    );
-    config_maps
-        .delete("other", &DeleteParams::default())
-        .await
-        .unwrap();
-    let message = format!(
-        "2 objects drifted: ConfigMap {ns}/other (deleted, not corrected); ConfigMap {ns}/settings (changed, not corrected)"
-    );
-    eventually_within(PATIENCE, "the second drift episode", || async {
+    let drift_messages = |hub: &FakeHub| {
         hub.events_for(v1)
             .into_iter()
-            .find(|e| e.event_type == EventType::Drift && e.message.as_deref() == Some(&message))
-    })
-    .await;
+            .filter(|e| e.event_type == EventType::Drift)
+            .map(|e| (e.status, e.message.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    let wait_for_drifts = |count: usize| {
+        let hub = &hub;
+        async move {
+            eventually_within(PATIENCE, &format!("{count} drift reports"), || async {
+                let found = drift_messages(hub);
+                (found.len() >= count).then_some(found)
+            })
+            .await
+        }
+    };
+    let set_mode = |mode: &'static str| {
+        let config_maps = config_maps.clone();
+        async move {
+            config_maps
+                .patch(
+                    "settings",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"data": {"mode": mode}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+
+    set_mode("slow").await;
+    let found = wait_for_drifts(1).await;
+    assert_eq!(
+        found[0],
+        (
+            EventStatus::Failure,
+            format!("1 object drifted: ConfigMap {ns}/settings (changed, not corrected)")
+        )
+    );
     eventually_within(PATIENCE, "the drifted-objects metric", || async {
         let metrics = get_text(agent.metrics_addr, "/metrics").await.1;
         metrics
             .lines()
-            .any(|l| l == "brokkr_agent_drifted_objects 2")
+            .any(|l| l == "brokkr_agent_drifted_objects 1")
             .then_some(())
     })
     .await;
-    // Nothing was written back, and the unchanged drift is not reported again.
+    // Nothing is written back, and unchanged drift is not reported again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         config_map_data(config_maps.get_opt("settings").await.unwrap(), "mode").as_deref(),
         Some("slow")
     );
+    assert_eq!(drift_messages(&hub).len(), 1);
+
+    // Put back by hand: the episode ends.
+    set_mode("fast").await;
+    let found = wait_for_drifts(2).await;
+    assert_eq!(
+        found[1],
+        (
+            EventStatus::Success,
+            "no drift: every object holds what was applied".to_owned()
+        )
+    );
+
+    // A deleted object stays deleted.
+    config_maps
+        .delete("other", &DeleteParams::default())
+        .await
+        .unwrap();
+    let found = wait_for_drifts(3).await;
+    assert_eq!(
+        found[2],
+        (
+            EventStatus::Failure,
+            format!("1 object drifted: ConfigMap {ns}/other (deleted, not corrected)")
+        )
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(config_maps.get_opt("other").await.unwrap().is_none());
-    let episodes = hub
-        .events_for(v1)
-        .into_iter()
-        .filter(|e| e.event_type == EventType::Drift)
-        .count();
-    assert_eq!(episodes, 2);
 
     // A new version is applied as usual.
     let v2 = hub.publish(stack, &with_policy(&detect, &documents("fast")));

@@ -30,6 +30,9 @@ pub mod types {
     pub const DEGRADED: &str = "Degraded";
     /// Agent: heartbeats arrive in time.
     pub const ONLINE: &str = "Online";
+    /// Stack: at least one targeted agent reports drift it did not correct
+    /// (`driftPolicy: Detect`).
+    pub const DRIFTED: &str = "Drifted";
 }
 
 /// Condition reasons (CamelCase, as Kubernetes expects).
@@ -68,6 +71,10 @@ pub mod reasons {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     /// Some targeted agents report degraded health.
     pub const UNHEALTHY: &str = "Unhealthy";
+    /// Some targeted agents report drift they did not correct.
+    pub const DRIFT_NOT_CORRECTED: &str = "DriftNotCorrected";
+    /// No targeted agent reports drift it did not correct.
+    pub const NO_DRIFT: &str = "NoDrift";
 
     // AgentTarget.
     /// `spec.stackRef` names a Stack that does not exist in the namespace.

@@ -36,7 +36,7 @@ pub struct StackStatusInput<'a> {
 }
 
 /// The Stack's status: per-agent states for the current deployment object, counts,
-/// and the conditions `Accepted`, `Applied`, `Ready` and `Degraded`.
+/// and the conditions `Accepted`, `Applied`, `Ready`, `Degraded` and `Drifted`.
 pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
     let mut agents: Vec<StackAgentStatus> = input.agents.iter().map(agent_status).collect();
     let targeted = agents.len() as i32;
@@ -171,6 +171,8 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
         )
     };
 
+    let drifted_condition = drifted_condition(input.agents, generation, now.clone());
+
     let mut conditions = input
         .previous
         .map(|p| p.conditions.clone())
@@ -180,6 +182,7 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
         applied_condition,
         ready_condition,
         degraded_condition,
+        drifted_condition,
     ] {
         set_condition(&mut conditions, c);
     }
@@ -204,6 +207,49 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
         ready: Some(ready_ratio(healthy, targeted)),
         agents,
     }
+}
+
+/// `Drifted`: True while any agent's latest `Drift` report about the current deployment
+/// object is a failure (drift it did not correct), naming the agents and counting objects.
+fn drifted_condition(agents: &[AgentStackStatus], generation: Option<i64>, now: Time) -> Condition {
+    let mut names = Vec::new();
+    let mut objects = 0u64;
+    for agent in agents {
+        let Some(drift) = &agent.drift else { continue };
+        if drift.status != EventStatus::Failure.as_str() {
+            continue;
+        }
+        names.push(agent.agent_name.clone());
+        // "N objects drifted: ..." (the agent's message).
+        objects += drift
+            .message
+            .as_deref()
+            .and_then(|m| m.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1);
+    }
+    if names.is_empty() {
+        return new_condition(
+            types::DRIFTED,
+            false,
+            reasons::NO_DRIFT,
+            "no agent reports drift it did not correct",
+            generation,
+            now,
+        );
+    }
+    let plural = if objects == 1 { "object" } else { "objects" };
+    new_condition(
+        types::DRIFTED,
+        true,
+        reasons::DRIFT_NOT_CORRECTED,
+        format!(
+            "{objects} {plural} drifted and not corrected on {}",
+            name_list(&names)
+        ),
+        generation,
+        now,
+    )
 }
 
 fn count(agents: &[StackAgentStatus], pred: impl Fn(&StackAgentStatus) -> bool) -> i32 {
@@ -340,6 +386,7 @@ mod tests {
                 message: Some(m.into()),
                 at: Utc::now(),
             }),
+            drift: None,
         }
     }
 
@@ -412,6 +459,55 @@ mod tests {
         assert!(degraded.message.contains("z-bad"));
         assert_eq!(condition(&s, "Applied").reason, "ApplyFailed");
         assert_eq!(condition(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn drift_an_agent_did_not_correct_makes_the_stack_drifted_until_it_reports_otherwise() {
+        let drift = |status: &str, message: &str| {
+            Some(EventSummary {
+                event_type: "Drift".into(),
+                status: status.into(),
+                message: Some(message.into()),
+                at: Utc::now(),
+            })
+        };
+        let mut a = agent("a", Some(("Apply", "Success", "")), Some("healthy"));
+        let mut b = agent("b", Some(("Apply", "Success", "")), Some("healthy"));
+        let c = agent("c", Some(("Apply", "Success", "")), Some("healthy"));
+        a.drift = drift(
+            "Failure",
+            "2 objects drifted: ConfigMap s/x (changed, not corrected); ConfigMap s/y (deleted, not corrected)",
+        );
+        b.drift = drift(
+            "Failure",
+            "1 object drifted: ConfigMap s/x (changed, not corrected)",
+        );
+        let s = status(&[a.clone(), b.clone(), c.clone()], Acceptance::Recorded);
+        let drifted = condition(&s, "Drifted");
+        assert_eq!(
+            (
+                drifted.status.as_str(),
+                drifted.reason.as_str(),
+                drifted.message.as_str()
+            ),
+            (
+                "True",
+                "DriftNotCorrected",
+                "3 objects drifted and not corrected on a, b"
+            )
+        );
+        // Corrected drift, or drift that went away, is not Drifted.
+        a.drift = drift(
+            "Success",
+            "1 object drifted: ConfigMap s/x (changed, corrected)",
+        );
+        b.drift = drift("Success", "no drift: every object holds what was applied");
+        let s = status(&[a, b, c], Acceptance::Recorded);
+        let drifted = condition(&s, "Drifted");
+        assert_eq!(
+            (drifted.status.as_str(), drifted.reason.as_str()),
+            ("False", "NoDrift")
+        );
     }
 
     #[test]

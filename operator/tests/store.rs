@@ -1220,6 +1220,15 @@ async fn status_shows_each_targeted_agents_latest_event_for_the_current_object()
         .record_agent_events(failing, &[failure])
         .await
         .unwrap();
+    // Drift reports are their own kind: the latest one counts, outcomes are untouched.
+    f.store
+        .record_agent_events(ok, &[event(v2, "Drift", "Failure")])
+        .await
+        .unwrap();
+    f.store
+        .record_agent_events(failing, &[event(v1, "Drift", "Failure")])
+        .await
+        .unwrap();
 
     let status = f.store.stack_status(stack, v2).await.unwrap();
     let by_name: BTreeMap<&str, _> = status.iter().map(|s| (s.agent_name.as_str(), s)).collect();
@@ -1233,6 +1242,16 @@ async fn status_shows_each_targeted_agents_latest_event_for_the_current_object()
     assert_eq!(outcome.message.as_deref(), Some("admission webhook denied"));
     assert!(by_name["edge-silent"].outcome.is_none());
     assert!(by_name["edge-silent"].health.is_none());
+    let drift = ok_status.drift.as_ref().unwrap();
+    assert_eq!(
+        (drift.event_type.as_str(), drift.status.as_str()),
+        ("Drift", "Failure")
+    );
+    assert_eq!(ok_status.outcome.as_ref().unwrap().event_type, "Apply");
+    assert!(
+        failing_status.drift.is_none(),
+        "drift about an older version does not count"
+    );
 }
 
 #[tokio::test]

@@ -174,6 +174,13 @@ impl Worker {
                     if !manifest::live_matches(&applied.desired, &live) {
                         tracing::info!(stack = %id, object = %key, "drift: the object was changed");
                         self.drift.drifted.insert(id);
+                    } else if self
+                        .stacks
+                        .get(&id)
+                        .is_some_and(|s| s.drift.contains_key(&key))
+                    {
+                        // Drift left in place (Detect) may be over: look again.
+                        self.drift.drifted.insert(id);
                     }
                     touched.insert(id);
                 }
@@ -256,7 +263,8 @@ impl Worker {
     }
 
     /// Reports a drift episode: every correction is one (the next drift is another); drift
-    /// left in place is reported again only when the set of drifted objects changes.
+    /// left in place is reported again only when the set of drifted objects changes, and
+    /// once more when it is gone.
     pub(super) fn report_drift(
         &mut self,
         stack: &mut StackState,
@@ -269,16 +277,23 @@ impl Worker {
             .collect();
         let corrected = drift.values().any(|(_, corrected)| *corrected);
         let repeat = !corrected && uncorrected == stack.drift;
-        if uncorrected.is_empty() && !stack.drift.is_empty() {
-            tracing::info!("drift is gone: the objects hold what was applied again");
-        }
+        let ended = drift.is_empty() && !stack.drift.is_empty();
         stack.drift = uncorrected;
-        if drift.is_empty() || repeat {
+        let (status, message) = if ended {
+            // The episode of drift left in place is over (the hub's `Drifted` turns False).
+            (
+                EventStatus::Success,
+                "no drift: every object holds what was applied".to_owned(),
+            )
+        } else if drift.is_empty() || repeat {
             return;
-        }
-        let (status, message) = drift_message(drift);
+        } else {
+            drift_message(drift)
+        };
         tracing::info!(status = status.as_str(), %message, "drift");
-        self.metrics.drift_episodes.inc();
+        if !ended {
+            self.metrics.drift_episodes.inc();
+        }
         self.reporter.report(
             stack.desired.deployment_object_id,
             EventType::Drift,

@@ -35,7 +35,7 @@ pub struct EventSummary {
 }
 
 /// One targeted agent's view of a deployment object: its latest `Apply`/`Delete`
-/// outcome and its latest `Health` report for it.
+/// outcome, and its latest `Health` and `Drift` reports for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentStackStatus {
     pub agent_id: Uuid,
@@ -45,6 +45,7 @@ pub struct AgentStackStatus {
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub outcome: Option<EventSummary>,
     pub health: Option<EventSummary>,
+    pub drift: Option<EventSummary>,
 }
 
 const TARGETED_OBJECTS: &str = r#"
@@ -59,7 +60,8 @@ SELECT a.id AS agent_id, a.name AS agent_name, a.cluster_name, a.status AS agent
        a.last_heartbeat,
        o.event_type AS outcome_type, o.status AS outcome_status,
        o.message AS outcome_message, o.created_at AS outcome_at,
-       h.status AS health_status, h.message AS health_message, h.created_at AS health_at
+       h.status AS health_status, h.message AS health_message, h.created_at AS health_at,
+       r.status AS drift_status, r.message AS drift_message, r.created_at AS drift_at
 FROM agent_targets t
 JOIN agents a ON a.id = t.agent_id AND a.deleted_at IS NULL
 LEFT JOIN LATERAL (
@@ -76,6 +78,13 @@ LEFT JOIN LATERAL (
     ORDER BY created_at DESC, id DESC
     LIMIT 1
 ) h ON TRUE
+LEFT JOIN LATERAL (
+    SELECT status, message, created_at FROM agent_events
+    WHERE deployment_object_id = $2 AND agent_id = t.agent_id AND deleted_at IS NULL
+      AND event_type = 'Drift'
+    ORDER BY created_at DESC, id DESC
+    LIMIT 1
+) r ON TRUE
 WHERE t.stack_id = $1
 ORDER BY a.name, a.cluster_name
 "#;
@@ -99,6 +108,9 @@ struct StackStatusRow {
     health_status: Option<String>,
     health_message: Option<String>,
     health_at: Option<DateTime<Utc>>,
+    drift_status: Option<String>,
+    drift_message: Option<String>,
+    drift_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -200,6 +212,15 @@ impl From<StackStatusRow> for AgentStackStatus {
             }),
             _ => None,
         };
+        let drift = match (row.drift_status, row.drift_at) {
+            (Some(status), Some(at)) => Some(EventSummary {
+                event_type: "Drift".to_owned(),
+                status,
+                message: row.drift_message,
+                at,
+            }),
+            _ => None,
+        };
         AgentStackStatus {
             agent_id: row.agent_id,
             agent_name: row.agent_name,
@@ -208,6 +229,7 @@ impl From<StackStatusRow> for AgentStackStatus {
             last_heartbeat: row.last_heartbeat,
             outcome,
             health,
+            drift,
         }
     }
 }
