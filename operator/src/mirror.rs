@@ -33,8 +33,12 @@ pub fn stack_ref(database_name: &str) -> Option<ObjectRef<Stack>> {
 pub async fn listen(database_url: String, triggers: Triggers) {
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Err(err) = listen_once(&database_url, &triggers).await {
-            warn!(error = %err, "lost the status notification connection; reconnecting");
+        match listen_once(&database_url, &triggers).await {
+            // Lost after it had worked: reconnect promptly.
+            Ok(()) => delay = Duration::from_millis(200),
+            Err(err) => {
+                warn!(error = %err, "lost the status notification connection; reconnecting");
+            }
         }
         if triggers.stacks.is_closed() {
             return;
