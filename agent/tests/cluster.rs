@@ -396,6 +396,33 @@ async fn an_edited_or_deleted_object_is_put_back() {
         )
     );
 
+    // The same edit again is a new episode.
+    config_maps
+        .patch(
+            "settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"mode": "slow"}})),
+        )
+        .await
+        .unwrap();
+    eventually_within(PATIENCE, "a third drift episode", || async {
+        let found = drifts(&hub);
+        (found.len() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        drifts(&hub)[2],
+        (
+            EventStatus::Success,
+            format!("1 object drifted: ConfigMap {ns}/settings (changed, corrected)")
+        )
+    );
+    eventually_within(PATIENCE, "the edit to be reverted again", || async {
+        (mode(config_maps.get_opt("settings").await.unwrap()).as_deref() == Some("fast"))
+            .then_some(())
+    })
+    .await;
+
     agent.stop().await;
     cluster.cleanup().await;
 }

@@ -69,6 +69,49 @@ pub(super) fn drift_message(drift: &BTreeMap<ObjectKey, (Change, bool)>) -> (Eve
     )
 }
 
+/// What a stack remembers of the drift its last sync found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct DriftMemory {
+    /// Drift left in place (`driftPolicy: Detect`).
+    pub(super) uncorrected: BTreeMap<ObjectKey, Change>,
+    /// Drift put back.
+    pub(super) corrected: BTreeMap<ObjectKey, Change>,
+}
+
+/// Whether a sync's drift is worth a `Drift` event: a new episode (drift after a clean
+/// sync, or a different set of drifted objects) is; the same drift found again by the next
+/// sync is not (a field the server normalises would otherwise be reported on every
+/// resync); the end of drift left in place is (so the hub's `Drifted` clears).
+pub(super) fn next_drift_report(
+    memory: &DriftMemory,
+    drift: &BTreeMap<ObjectKey, (Change, bool)>,
+) -> (DriftMemory, Option<(EventStatus, String)>) {
+    let pick = |want: bool| -> BTreeMap<ObjectKey, Change> {
+        drift
+            .iter()
+            .filter(|(_, (_, corrected))| *corrected == want)
+            .map(|(key, (change, _))| (key.clone(), *change))
+            .collect()
+    };
+    let next = DriftMemory {
+        uncorrected: pick(false),
+        corrected: pick(true),
+    };
+    let report = if drift.is_empty() {
+        (!memory.uncorrected.is_empty()).then(|| {
+            (
+                EventStatus::Success,
+                "no drift: every object holds what was applied".to_owned(),
+            )
+        })
+    } else if next == *memory {
+        None
+    } else {
+        Some(drift_message(drift))
+    };
+    (next, report)
+}
+
 /// The worker's drift bookkeeping.
 pub(super) struct Drift {
     pub(super) watchers: HashMap<KindKey, AbortHandle>,
@@ -170,17 +213,20 @@ impl Worker {
         let mut touched = BTreeSet::new();
         match sighting {
             Sighting::Changed { key, live } => {
-                if let Some((id, applied)) = self.owner_of(&key) {
-                    if !manifest::live_matches(&applied.desired, &live) {
+                let owner = self
+                    .owner_of(&key)
+                    .map(|(id, applied)| (id, manifest::live_matches(&applied.desired, &live)));
+                if let Some((id, matches)) = owner {
+                    if !matches {
                         tracing::info!(stack = %id, object = %key, "drift: the object was changed");
                         self.drift.drifted.insert(id);
-                    } else if self
-                        .stacks
-                        .get(&id)
-                        .is_some_and(|s| s.drift.contains_key(&key))
-                    {
-                        // Drift left in place (Detect) may be over: look again.
-                        self.drift.drifted.insert(id);
+                    } else if let Some(stack) = self.stacks.get_mut(&id) {
+                        // It holds what was applied: a corrected episode is over, and drift
+                        // left in place (Detect) may be too: look again.
+                        stack.drift.corrected.remove(&key);
+                        if stack.drift.uncorrected.contains_key(&key) {
+                            self.drift.drifted.insert(id);
+                        }
                     }
                     touched.insert(id);
                 }
@@ -262,36 +308,19 @@ impl Worker {
         while self.drift.watch_tasks.try_join_next().is_some() {}
     }
 
-    /// Reports a drift episode: every correction is one (the next drift is another); drift
-    /// left in place is reported again only when the set of drifted objects changes, and
-    /// once more when it is gone.
+    /// Reports drift as [`next_drift_report`] decides.
     pub(super) fn report_drift(
         &mut self,
         stack: &mut StackState,
         drift: &BTreeMap<ObjectKey, (Change, bool)>,
     ) {
-        let uncorrected: BTreeMap<ObjectKey, Change> = drift
-            .iter()
-            .filter(|(_, (_, corrected))| !corrected)
-            .map(|(key, (change, _))| (key.clone(), *change))
-            .collect();
-        let corrected = drift.values().any(|(_, corrected)| *corrected);
-        let repeat = !corrected && uncorrected == stack.drift;
-        let ended = drift.is_empty() && !stack.drift.is_empty();
-        stack.drift = uncorrected;
-        let (status, message) = if ended {
-            // The episode of drift left in place is over (the hub's `Drifted` turns False).
-            (
-                EventStatus::Success,
-                "no drift: every object holds what was applied".to_owned(),
-            )
-        } else if drift.is_empty() || repeat {
+        let (memory, report) = next_drift_report(&stack.drift, drift);
+        stack.drift = memory;
+        let Some((status, message)) = report else {
             return;
-        } else {
-            drift_message(drift)
         };
         tracing::info!(status = status.as_str(), %message, "drift");
-        if !ended {
+        if !drift.is_empty() {
             self.metrics.drift_episodes.inc();
         }
         self.reporter.report(
@@ -314,6 +343,40 @@ mod tests {
             namespace: Some("shop".into()),
             name: name.into(),
         }
+    }
+
+    #[test]
+    fn drift_is_reported_once_per_episode_and_when_drift_left_in_place_ends() {
+        let changed = |corrected| BTreeMap::from([(key("a"), (Change::Changed, corrected))]);
+        let clean = BTreeMap::new();
+        // Corrected: reported; found again by the next sync: not; after a clean sync: again.
+        let (memory, report) = next_drift_report(&DriftMemory::default(), &changed(true));
+        assert_eq!(report.unwrap().0, EventStatus::Success);
+        let (memory, report) = next_drift_report(&memory, &changed(true));
+        assert!(report.is_none());
+        let (memory, report) = next_drift_report(&memory, &clean);
+        assert!(report.is_none(), "the end of corrected drift is no news");
+        let (memory, report) = next_drift_report(&memory, &changed(true));
+        assert!(report.is_some());
+        // Left in place: reported, not repeated, its end reported.
+        let (memory, report) = next_drift_report(&memory, &changed(false));
+        assert_eq!(report.unwrap().0, EventStatus::Failure);
+        assert_eq!(memory.uncorrected.len(), 1);
+        let (memory, report) = next_drift_report(&memory, &changed(false));
+        assert!(report.is_none());
+        let mut more = changed(false);
+        more.insert(key("b"), (Change::Deleted, false));
+        let (memory, report) = next_drift_report(&memory, &more);
+        assert!(report.unwrap().1.starts_with("2 objects drifted"));
+        let (memory, report) = next_drift_report(&memory, &clean);
+        assert_eq!(
+            report,
+            Some((
+                EventStatus::Success,
+                "no drift: every object holds what was applied".into()
+            ))
+        );
+        assert_eq!(memory, DriftMemory::default());
     }
 
     #[test]

@@ -470,7 +470,11 @@ impl Worker {
                 failed: s.failed,
             })
             .collect();
-        let drifted: usize = self.stacks.values().map(|s| s.drift.len()).sum();
+        let drifted: usize = self
+            .stacks
+            .values()
+            .map(|s| s.drift.uncorrected.len())
+            .sum();
         self.metrics
             .drifted_objects
             .set(i64::try_from(drifted).unwrap_or(i64::MAX));

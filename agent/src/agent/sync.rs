@@ -16,7 +16,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Worker;
-use super::drift::Change;
+use super::drift::{Change, DriftMemory};
 use crate::apply::{AppliedObject, Applier, FRESH_KIND_ATTEMPTS, KindKey, ObjectFailure};
 use crate::hub::{Endpoint, error_chain};
 use crate::inventory::{self, Claim, Entry, Inventory, Live};
@@ -52,8 +52,8 @@ pub(super) struct StackState {
     pub(super) removed: usize,
     /// The deployment object last applied in this process.
     pub(super) applied_for: Option<Uuid>,
-    /// Drift found and not corrected (driftPolicy: Detect), as last reported.
-    pub(super) drift: BTreeMap<ObjectKey, Change>,
+    /// The drift the last sync found.
+    pub(super) drift: DriftMemory,
 }
 
 impl StackState {
@@ -71,7 +71,7 @@ impl StackState {
             attempt: 0,
             removed: 0,
             applied_for: None,
-            drift: BTreeMap::new(),
+            drift: DriftMemory::default(),
         }
     }
 
