@@ -31,11 +31,20 @@ pub struct Fleet {
     pub spokes: Vec<TestCluster>,
     binaries: Binaries,
     logs: tempfile::TempDir,
-    operator: Option<ChildProcess>,
+    /// Running hub replicas by index; replica 0 serves `api_url`.
+    operators: BTreeMap<usize, Operator>,
     operator_starts: usize,
     pub api_url: String,
     api_addr: std::net::SocketAddr,
     agents: BTreeMap<String, ChildProcess>,
+    agent_metrics: BTreeMap<String, std::net::SocketAddr>,
+}
+
+/// One running `brokkr-operator` replica.
+struct Operator {
+    process: ChildProcess,
+    api_addr: std::net::SocketAddr,
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl Fleet {
@@ -62,11 +71,12 @@ impl Fleet {
             spokes: clusters,
             binaries,
             logs,
-            operator: None,
+            operators: BTreeMap::new(),
             operator_starts: 0,
             api_url: format!("http://{api_addr}"),
             api_addr,
             agents: BTreeMap::new(),
+            agent_metrics: BTreeMap::new(),
         })
     }
 
@@ -77,14 +87,26 @@ impl Fleet {
 
     /// Starts `brokkr-operator` (installing the CRDs) and waits until it is ready.
     pub async fn start_operator(&mut self) -> FleetResult<()> {
+        self.start_replica(0).await.map(|_| ())
+    }
+
+    /// Starts hub replica `index` (replica 0 serves [`Fleet::api_url`], others an address
+    /// of their own) against the same database and hub cluster, and waits until it is
+    /// ready. Returns the URL of its agent API.
+    pub async fn start_replica(&mut self, index: usize) -> FleetResult<String> {
+        let api_addr = if index == 0 {
+            self.api_addr
+        } else {
+            free_addr()?
+        };
         let metrics = free_addr()?;
         self.operator_starts += 1;
-        let name = format!("brokkr-operator-{}", self.operator_starts);
+        let name = format!("brokkr-operator-{index}-{}", self.operator_starts);
         let env = [
             ("DATABASE_URL", self.db.url().to_owned()),
             ("KUBECONFIG", self.hub.kubeconfig().display().to_string()),
             ("BROKKR_NAMESPACE", self.hub.namespace.clone()),
-            ("BROKKR_API_ADDR", self.api_addr.to_string()),
+            ("BROKKR_API_ADDR", api_addr.to_string()),
             ("BROKKR_METRICS_ADDR", metrics.to_string()),
             ("BROKKR_INSTALL_CRDS", "true".to_owned()),
             ("BROKKR_HEARTBEAT_INTERVAL", "1s".to_owned()),
@@ -93,26 +115,74 @@ impl Fleet {
             ("POD_NAME", name.clone()),
             ("RUST_LOG", "info".to_owned()),
         ];
-        let mut operator =
+        let mut process =
             ChildProcess::spawn(&name, &self.binaries.operator, &env, self.logs.path())?;
-        operator
+        process
             .wait_until_serving(&format!("http://{metrics}/readyz"), Duration::from_secs(60))
             .await?;
-        self.operator = Some(operator);
-        Ok(())
+        self.operators.insert(
+            index,
+            Operator {
+                process,
+                api_addr,
+                metrics_addr: metrics,
+            },
+        );
+        Ok(format!("http://{api_addr}"))
     }
 
     /// Kills the operator at once (SIGKILL: no goodbye, as when a node dies).
     pub async fn kill_operator(&mut self) {
-        if let Some(operator) = self.operator.take() {
-            operator.stop(Duration::ZERO).await;
+        self.kill_replica(0).await;
+    }
+
+    /// Kills hub replica `index` at once (SIGKILL).
+    pub async fn kill_replica(&mut self, index: usize) {
+        if let Some(operator) = self.operators.remove(&index) {
+            operator.process.stop(Duration::ZERO).await;
         }
     }
 
     pub async fn stop_operator(&mut self) {
-        if let Some(operator) = self.operator.take() {
-            operator.stop(Duration::from_secs(10)).await;
+        let replicas: Vec<usize> = self.operators.keys().copied().collect();
+        for index in replicas {
+            if let Some(operator) = self.operators.remove(&index) {
+                operator.process.stop(Duration::from_secs(10)).await;
+            }
         }
+    }
+
+    /// Process id of hub replica `index`, while it runs.
+    pub fn replica_pid(&self, index: usize) -> Option<u32> {
+        self.operators.get(&index).map(|o| o.process.pid())
+    }
+
+    /// Whether hub replica `index` is running (it has not exited, e.g. by a panic).
+    pub fn replica_running(&mut self, index: usize) -> bool {
+        self.operators
+            .get_mut(&index)
+            .is_some_and(|o| o.process.is_running())
+    }
+
+    /// URL of replica `index`'s agent API.
+    pub fn replica_api_url(&self, index: usize) -> Option<String> {
+        self.operators
+            .get(&index)
+            .map(|o| format!("http://{}", o.api_addr))
+    }
+
+    /// Replica `index`'s Prometheus metrics text.
+    pub async fn replica_metrics(&self, index: usize) -> Option<String> {
+        let operator = self.operators.get(&index)?;
+        metrics_text(operator.metrics_addr).await
+    }
+
+    /// Agent `name`'s Prometheus metrics text, while it runs.
+    pub async fn agent_metrics(&self, name: &str) -> Option<String> {
+        if !self.agents.contains_key(name) {
+            return None;
+        }
+        metrics_text(*self.agent_metrics.get(name)?).await
     }
 
     /// The key the hub issued to Agent `name`, once it has.
@@ -140,10 +210,22 @@ impl Fleet {
 
     /// Starts `brokkr-agent` for Agent `name` against spoke `spoke`.
     pub async fn start_agent(&mut self, name: &str, spoke: usize) -> FleetResult<()> {
+        let hub = self.api_url.clone();
+        self.start_agent_via(name, spoke, &hub).await
+    }
+
+    /// Starts `brokkr-agent` for Agent `name` against spoke `spoke`, talking to the hub
+    /// replica at `hub_url`.
+    pub async fn start_agent_via(
+        &mut self,
+        name: &str,
+        spoke: usize,
+        hub_url: &str,
+    ) -> FleetResult<()> {
         let key = self.agent_key(name).await?;
         let metrics = free_addr()?;
         let env = [
-            ("BROKKR_HUB_URL", self.api_url.clone()),
+            ("BROKKR_HUB_URL", hub_url.to_owned()),
             ("BROKKR_AGENT_KEY", key),
             ("BROKKR_AGENT_NAME", name.to_owned()),
             (
@@ -174,6 +256,7 @@ impl Fleet {
             )
             .await?;
         self.agents.insert(name.to_owned(), agent);
+        self.agent_metrics.insert(name.to_owned(), metrics);
         Ok(())
     }
 
@@ -408,4 +491,18 @@ pub async fn roll_out_client(client: &Client) {
             )
             .await;
     }
+}
+
+/// The Prometheus text a process serves at `/metrics` on `addr`.
+async fn metrics_text(addr: std::net::SocketAddr) -> Option<String> {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    response.text().await.ok()
 }

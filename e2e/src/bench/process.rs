@@ -168,6 +168,11 @@ impl ChildProcess {
         self.pid
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Polls `url` until it answers 2xx, failing when the process exits or `timeout`
     /// passes.
     pub async fn wait_until_serving(

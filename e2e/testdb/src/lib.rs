@@ -78,6 +78,25 @@ impl TestDb {
         .await;
     }
 
+    /// Ends every connection to the database, as a PostgreSQL restart or a network
+    /// partition would; new connections are accepted at once.
+    pub async fn terminate_connections(&self) -> u64 {
+        let admin = connect(&self.admin_url).await;
+        let terminated = admin
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                    self.name
+                ),
+            ))
+            .await
+            .expect("terminate the test database's connections")
+            .len() as u64;
+        admin.close().await.ok();
+        terminated
+    }
+
     /// Ends a [`TestDb::refuse_connections`] outage.
     pub async fn accept_connections(&self) {
         self.admin(&format!(
