@@ -38,10 +38,13 @@
 //! - Events are reported when their outcome changes (not on every retry or resync); a stack's
 //!   health is reported when it changes or the deployment object does. A stack with no applied
 //!   objects is `unknown` ([`health`]).
-//! - Drift: a watch on every applied kind, selected by the agent label, re-applies a stack
-//!   whose object was deleted or no longer holds what was applied (debounced), and a re-list
-//!   after a watch gap counts objects it no longer finds as deleted. The periodic resync
-//!   re-applies and prunes everything regardless.
+//! - Drift: a watch on every applied kind, selected by the agent label, syncs a stack whose
+//!   object was deleted or no longer holds what was applied (debounced), and a re-list
+//!   after a watch gap counts objects it no longer finds as deleted. The sync finds the
+//!   drift from the live objects it reads: `driftPolicy: Correct` re-applies it, `Detect`
+//!   never writes for a version already applied and only reports it; either way one `Drift`
+//!   event per episode. `ignoreDifferences` pointers are neither applied nor compared. The
+//!   periodic resync syncs everything regardless.
 
 pub mod agent;
 pub mod apply;

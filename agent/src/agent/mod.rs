@@ -1,6 +1,6 @@
-//! The agent's loops: the long-poll of the desired state and the heartbeat ([`poll`]), the
-//! per-stack sync ([`sync`]), removal of what an inventory lists ([`removal`]), the drift
-//! watch ([`drift`]), health re-evaluation ([`health`]) and the periodic resync.
+//! The agent's loops: the long-poll of the desired state and the heartbeat (`poll`), the
+//! per-stack sync (`sync`), removal of what an inventory lists (`removal`), the drift
+//! watch (`drift`), health re-evaluation (`health`) and the periodic resync.
 //!
 //! One worker task owns all per-stack state and handles one thing at a time: a new desired
 //! state, a due retry, a debounced batch of watch events, the resync tick or the health tick.
