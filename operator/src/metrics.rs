@@ -142,6 +142,8 @@ pub struct ApiMetrics {
     pub key_lookups: Family<ResultLabels, Counter>,
     /// Requests refused 401 from the cache of unknown key prefixes, without a query.
     pub unknown_keys_cached: Counter,
+    /// Heartbeats PostgreSQL refused, dropped so that the rest of their batch is written.
+    pub heartbeats_dropped: Counter,
 }
 
 impl ApiMetrics {
@@ -176,6 +178,11 @@ impl ApiMetrics {
             "api_unknown_keys_cached",
             "Agent API requests refused as unknown keys from the cache, without a query",
             metrics.unknown_keys_cached.clone(),
+        );
+        registry.register(
+            "api_heartbeats_dropped",
+            "Heartbeats PostgreSQL refused, dropped so the rest of their batch is written",
+            metrics.heartbeats_dropped.clone(),
         );
         metrics
     }

@@ -16,7 +16,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm::{Database, DatabaseConnection};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -97,7 +97,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
 
     let store = Store::new(db);
-    let changes = ChangeFeed::default();
+    let changes = ChangeFeed::default().with_metrics(metrics.feed.clone());
     tokio::spawn(changes.clone().listen(database_url.clone(), store.clone()));
     let api = api::app(
         ApiState::new(
@@ -206,13 +206,11 @@ pub async fn serve_api(
     Ok(())
 }
 
+/// The hub's pool, with TCP keepalive on every connection (see [`store::connect_options`]).
 pub async fn connect(url: &str) -> Result<DatabaseConnection, RunError> {
-    let mut options = ConnectOptions::new(url);
-    options
-        .max_connections(20)
-        .connect_timeout(Duration::from_secs(10))
-        .sqlx_logging(false);
-    Database::connect(options).await.map_err(RunError::Database)
+    Database::connect(crate::store::connect_options(url))
+        .await
+        .map_err(RunError::Database)
 }
 
 /// Creates or updates Brokkr's CRDs and waits until the API server serves them.

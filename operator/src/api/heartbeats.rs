@@ -27,6 +27,14 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
+    /// A buffer that counts the heartbeats it drops in `dropped` (a registered metric).
+    pub fn counting_drops_in(dropped: Counter) -> Heartbeats {
+        Heartbeats {
+            dropped,
+            ..Heartbeats::default()
+        }
+    }
+
     /// Buffers a heartbeat; the first one starts the writer, which ends when the API
     /// that owns `self` is dropped.
     pub fn record(self: &Arc<Self>, store: &Store, agent_id: Uuid, version: String) {

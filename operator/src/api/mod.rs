@@ -110,6 +110,9 @@ impl ApiState {
 
     /// Records the API's limits into `metrics` (by default, into a registry of its own).
     pub fn with_metrics(mut self, metrics: ApiMetrics) -> ApiState {
+        self.heartbeats = Arc::new(Heartbeats::counting_drops_in(
+            metrics.heartbeats_dropped.clone(),
+        ));
         self.metrics = metrics;
         self
     }
