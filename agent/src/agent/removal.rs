@@ -226,6 +226,11 @@ impl Worker {
     /// Carries out a deletion marker: removes everything the stack's inventory lists, as
     /// the marker's deletion policy says, and reports `Delete`.
     pub(super) async fn delete_stack(&mut self, stack: &mut StackState) {
+        let done = stack.deleted_for == Some(stack.desired.deployment_object_id);
+        if done && !self.inventories.contains_key(&stack.desired.stack_id) {
+            // Carried out, and nothing recorded since: nothing to look at.
+            return;
+        }
         if !self.fetch_content(stack).await {
             return;
         }
