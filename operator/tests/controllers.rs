@@ -576,6 +576,23 @@ async fn restarting_the_controllers_never_shrinks_or_rewrites_a_target_set() {
         before,
         "target rows were deleted and re-inserted"
     );
+
+    // The restarted controllers do act: an Agent leaving the selector leaves the set.
+    let leaving = format!("{}-edge-0", hub.namespace());
+    Api::<Agent>::all(hub.cluster.client.clone())
+        .patch(
+            &leaving,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"fleet": "other"}}})),
+        )
+        .await
+        .unwrap();
+    eventually_within(
+        Duration::from_secs(30),
+        "the relabelled agent untargeted",
+        || async { (rows().await.len() == AGENTS - 1).then_some(()) },
+    )
+    .await;
     hub.stop().await;
 }
 
@@ -777,7 +794,7 @@ async fn a_deleted_stack_is_released_after_the_deletion_timeout_with_an_event() 
 
 #[tokio::test]
 async fn a_deleted_stack_is_released_after_the_timeout_even_while_postgresql_is_down() {
-    let hub = Hub::start_with(Duration::from_secs(3), Duration::from_millis(500)).await;
+    let mut hub = Hub::start_with(Duration::from_secs(3), Duration::from_millis(500)).await;
     hub.create_generator("ci").await;
     hub.create_stack("shop", "ci", CONFIG_MAP).await;
     let agent = hub.create_agent("silent", &[]).await;
@@ -838,6 +855,35 @@ async fn a_deleted_stack_is_released_after_the_timeout_even_while_postgresql_is_
         "says why: {note}"
     );
     hub.db.accept_connections().await;
+    // The row outlived its Stack; the next hub to lead retires it, so its agents get
+    // the deletion marker after all.
+    assert!(
+        hub.store
+            .find_stack(stack_row.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted_at
+            .is_none()
+    );
+    let client = hub.cluster.client.clone();
+    hub.restart_controllers_with(client).await;
+    eventually_within(
+        Duration::from_secs(30),
+        "the orphaned row retired",
+        || async {
+            let row = hub.store.find_stack(stack_row.id).await.ok()??;
+            row.deleted_at.map(|_| ())
+        },
+    )
+    .await;
+    let marker = hub
+        .store
+        .current_deployment_object(stack_row.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(marker.is_deletion_marker);
     hub.stop().await;
 }
 

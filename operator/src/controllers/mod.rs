@@ -90,6 +90,52 @@ struct Caches {
     agents: Cache<Agent>,
     agent_targets: Cache<AgentTarget>,
     stacks: Cache<Stack>,
+    agents_listed: Listed,
+    agent_targets_listed: Listed,
+    stacks_listed: Listed,
+}
+
+/// Whether a cache holds its first complete list, awaitable by any number of tasks.
+///
+/// `reflector::Store::wait_until_ready` wakes only the last task that polled it (one
+/// waker slot), and the controller's own runner waits on it: a second waiter could
+/// leave that controller stalled. This signal is set by the same InitDone event.
+#[derive(Clone)]
+struct Listed(tokio::sync::watch::Receiver<bool>);
+
+impl Listed {
+    async fn wait(&self) -> Result<()> {
+        let mut listed = self.0.clone();
+        listed
+            .wait_for(|listed| *listed)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::CachesNotSynced)
+    }
+}
+
+/// A controller of `api`'s objects whose cache readiness is a [`Listed`].
+fn controller_with_readiness<K>(api: Api<K>, config: watcher::Config) -> (Controller<K>, Listed)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let (reader, writer) = kube::runtime::reflector::store();
+    let (listed_tx, listed) = tokio::sync::watch::channel(false);
+    let objects = kube::runtime::reflector(writer, watcher(api, config))
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                listed_tx.send_replace(true);
+            }
+        })
+        .applied_objects();
+    (Controller::for_stream(objects, reader), Listed(listed))
 }
 
 /// How long a reconcile waits for the caches it reads to hold their first full list.
@@ -104,13 +150,12 @@ impl Caches {
     /// atomically, so a ready cache is never partial.
     async fn wait_until_complete(&self) -> Result<()> {
         let ready = async {
-            self.agents.wait_until_ready().await?;
-            self.agent_targets.wait_until_ready().await
+            self.agents_listed.wait().await?;
+            self.agent_targets_listed.wait().await
         };
-        match tokio::time::timeout(CACHE_SYNC_WAIT, ready).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(Error::CachesNotSynced),
-        }
+        tokio::time::timeout(CACHE_SYNC_WAIT, ready)
+            .await
+            .map_err(|_| Error::CachesNotSynced)?
     }
 }
 
@@ -190,9 +235,12 @@ pub async fn run(
         None => watch.clone(),
     };
 
-    let agents = Controller::new(Api::<Agent>::all(client.clone()), watch_agents.clone());
-    let agent_targets = Controller::new(config.namespaced::<AgentTarget>(&client), watch.clone());
-    let stacks = Controller::new(config.namespaced::<Stack>(&client), watch.clone());
+    let (agents, agents_listed) =
+        controller_with_readiness(Api::<Agent>::all(client.clone()), watch_agents.clone());
+    let (agent_targets, agent_targets_listed) =
+        controller_with_readiness(config.namespaced::<AgentTarget>(&client), watch.clone());
+    let (stacks, stacks_listed) =
+        controller_with_readiness(config.namespaced::<Stack>(&client), watch.clone());
     let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
     let stacks_api = config.namespaced::<Stack>(&client);
     let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
@@ -222,6 +270,9 @@ pub async fn run(
         agents: agents.store(),
         agent_targets: agent_targets.store(),
         stacks: stacks.store(),
+        agents_listed,
+        agent_targets_listed,
+        stacks_listed,
     };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), Reporter::from("brokkr-operator")),
@@ -283,10 +334,83 @@ pub async fn run(
         .run(generator::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    mirror.push(tokio::spawn(retire_orphaned_stack_rows(
+        caches.stacks.clone(),
+        caches.stacks_listed.clone(),
+        ctx.store.clone(),
+        ctx.config.watch_namespace.clone(),
+    )));
     tokio::join!(agents, agent_targets, stacks, generators);
     for task in mirror {
         task.abort();
     }
+}
+
+/// How often live stack rows are checked against the Stacks that exist.
+const ORPHAN_SWEEP_PERIOD: Duration = Duration::from_secs(300);
+
+/// Retires the rows of Stacks that no longer exist: a deletion released after its
+/// timeout while the database was unreachable leaves its row live, and its agents
+/// would hold the stack for ever. Runs at start (once the Stack cache is complete)
+/// and then every few minutes.
+async fn retire_orphaned_stack_rows(
+    stacks: Cache<Stack>,
+    stacks_listed: Listed,
+    store: Store,
+    watch_namespace: Option<String>,
+) {
+    if stacks_listed.wait().await.is_err() {
+        return;
+    }
+    loop {
+        // Rows first, then the cache: a row written before the query belongs to a Stack
+        // the cache had seen, so only a deleted Stack can be missing from it.
+        match store.live_stacks().await {
+            Ok(rows) => {
+                let present: std::collections::HashSet<uuid::Uuid> = stacks
+                    .state()
+                    .iter()
+                    .filter_map(|s| s.uid())
+                    .filter_map(|uid| uuid::Uuid::parse_str(&uid).ok())
+                    .collect();
+                for (id, name) in orphaned_rows(&rows, &present, watch_namespace.as_deref()) {
+                    match store.soft_delete_stack(id).await {
+                        Ok(_) => {
+                            tracing::info!(stack = %name, "retired the row of a Stack that no longer exists")
+                        }
+                        Err(err) => {
+                            warn!(stack = %name, error = %error_chain(&err), "failed to retire the row of a deleted Stack")
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(error = %error_chain(&err), "failed to list stacks to find deleted ones")
+            }
+        }
+        tokio::time::sleep(ORPHAN_SWEEP_PERIOD).await;
+    }
+}
+
+/// Live rows (id, name) whose Stack is not among `present` resource uids, within the
+/// watched namespace: pure.
+pub fn orphaned_rows(
+    rows: &[crate::entity::stacks::Model],
+    present: &std::collections::HashSet<uuid::Uuid>,
+    watch_namespace: Option<&str>,
+) -> Vec<(uuid::Uuid, String)> {
+    rows.iter()
+        .filter(|row| row.deleted_at.is_none())
+        .filter(|row| {
+            watch_namespace.is_none_or(|ns| {
+                row.name
+                    .split_once('/')
+                    .is_some_and(|(namespace, _)| namespace == ns)
+            })
+        })
+        .filter(|row| row.resource_uid.is_some_and(|uid| !present.contains(&uid)))
+        .map(|row| (row.id, row.name.clone()))
+        .collect()
 }
 
 fn error_policy<K>(_object: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
@@ -404,4 +528,52 @@ fn label_strings<K: Resource>(object: &K) -> Vec<String> {
         .flatten()
         .map(|(k, v)| format!("{k}={v}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::entity::stacks;
+
+    fn row(name: &str, uid: Option<uuid::Uuid>) -> stacks::Model {
+        stacks::Model {
+            id: uuid::Uuid::new_v4(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            deleted_at: None,
+            name: name.to_owned(),
+            description: None,
+            generator_id: uuid::Uuid::new_v4(),
+            resource_uid: uid,
+        }
+    }
+
+    #[test]
+    fn rows_of_stacks_that_no_longer_exist_are_orphaned_within_the_watched_namespace() {
+        let (kept, gone, elsewhere) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let rows = vec![
+            row("shop/web", Some(kept)),
+            row("shop/old", Some(gone)),
+            row("other/app", Some(elsewhere)),
+            row("shop/unowned", None),
+        ];
+        let present = HashSet::from([kept]);
+        let names = |orphans: Vec<(uuid::Uuid, String)>| {
+            orphans.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(orphaned_rows(&rows, &present, Some("shop"))),
+            vec!["shop/old"]
+        );
+        assert_eq!(
+            names(orphaned_rows(&rows, &present, None)),
+            vec!["shop/old", "other/app"]
+        );
+    }
 }
