@@ -188,6 +188,24 @@ spec:
     }
 
     #[test]
+    fn nul_characters_the_database_cannot_store_are_refused_by_field() {
+        let mut spec: AgentSpec = serde_yaml::from_str::<Agent>(AGENT).unwrap().spec;
+        spec.cluster_name = "edge\0".into();
+        assert_eq!(
+            spec.validate().unwrap_err().to_string(),
+            "spec.clusterName contains a NUL character (\\u0000), which cannot be stored"
+        );
+        spec.cluster_name = "edge".into();
+        spec.annotations.insert("owner".into(), "a\0b".into());
+        assert_eq!(
+            spec.validate(),
+            Err(SpecError::NulCharacter {
+                field: "spec.annotations[\"owner\"]".into()
+            })
+        );
+    }
+
+    #[test]
     fn empty_or_oversized_cluster_name_is_refused() {
         let mut spec: AgentSpec = serde_yaml::from_str::<Agent>(AGENT).unwrap().spec;
         spec.cluster_name.clear();

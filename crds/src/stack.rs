@@ -7,7 +7,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::validation::{NAME_MAX_LEN, SpecError, validate_annotations, validate_name};
+use crate::validation::{
+    NAME_MAX_LEN, SpecError, validate_annotations, validate_name, validate_storable,
+};
 
 /// Most agents listed in `status.agents`. The operator lists failing agents first and
 /// drops the rest; the counts in the status always cover every targeted agent.
@@ -170,6 +172,9 @@ impl StackSpec {
                 }
             }
             (None, Some(_)) => {}
+        }
+        if let Some(description) = &self.description {
+            validate_storable(|| "spec.description".to_owned(), description)?;
         }
         validate_annotations(&self.annotations)
     }
@@ -400,6 +405,20 @@ spec:
 
     fn spec(yaml: &str) -> StackSpec {
         serde_yaml::from_str::<Stack>(yaml).unwrap().spec
+    }
+
+    #[test]
+    fn a_description_holding_nul_is_refused() {
+        let spec: StackSpec = serde_yaml::from_str(
+            "generatorRef: {name: ci}\nmanifests: \"a: 1\"\ndescription: \"web\\0\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.validate(),
+            Err(SpecError::NulCharacter {
+                field: "spec.description".into()
+            })
+        );
     }
 
     #[test]

@@ -59,6 +59,19 @@ pub enum SpecError {
         max = ANNOTATION_VALUE_MAX_LEN
     )]
     AnnotationValueTooLong { key: String, len: usize },
+    #[error("{field} contains a NUL character (\\u0000), which cannot be stored")]
+    NulCharacter { field: String },
+}
+
+/// Refuses text the database cannot store (PostgreSQL `text` holds no NUL).
+pub(crate) fn validate_storable(
+    field: impl FnOnce() -> String,
+    value: &str,
+) -> Result<(), SpecError> {
+    if value.contains('\0') {
+        return Err(SpecError::NulCharacter { field: field() });
+    }
+    Ok(())
 }
 
 /// Checks `spec.annotations` against the limits the schema also states.
@@ -71,6 +84,8 @@ pub(crate) fn validate_annotations(
         });
     }
     for (key, value) in annotations {
+        validate_storable(|| "spec.annotations key".to_owned(), key)?;
+        validate_storable(|| format!("spec.annotations[{:?}]", shorten(key)), value)?;
         // Lengths in characters, as the apiserver's maxLength and CEL's size() count them.
         let key_len = key.chars().count();
         if key_len == 0 {
@@ -95,6 +110,7 @@ pub(crate) fn validate_annotations(
 
 /// Checks a required name-like field: not empty, not longer than `max` characters.
 pub(crate) fn validate_name(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
+    validate_storable(|| field.to_owned(), value)?;
     let len = value.chars().count();
     if len == 0 {
         return Err(SpecError::EmptyField { field });
