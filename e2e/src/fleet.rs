@@ -85,6 +85,23 @@ impl Fleet {
         self.logs.path()
     }
 
+    /// Prints the last `lines` lines of every binary's log, for a failed test.
+    pub fn print_log_tails(&self, lines: usize) {
+        for entry in std::fs::read_dir(self.log_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            eprintln!(
+                "--- {}\n{}",
+                entry.path().display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+
     /// Starts `brokkr-operator` (installing the CRDs) and waits until it is ready.
     pub async fn start_operator(&mut self) -> FleetResult<()> {
         self.start_replica(0).await.map(|_| ())

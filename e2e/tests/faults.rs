@@ -43,7 +43,7 @@ impl Scene {
                 Scene { fleet, agents }
             }
             Err(err) => {
-                dump_logs(&fleet);
+                fleet.print_log_tails(15);
                 panic!("{}", brokkr_operator::controllers::error_chain(&err));
             }
         }
@@ -129,7 +129,7 @@ impl Scene {
 
     async fn finish(self, outcome: FleetResult<()>) {
         if let Err(err) = &outcome {
-            dump_logs(&self.fleet);
+            self.fleet.print_log_tails(15);
             let message = brokkr_operator::controllers::error_chain(err);
             self.fleet.shutdown().await;
             panic!("{message}");
@@ -214,22 +214,6 @@ fn setup(message: String) -> BenchError {
 
 fn check(holds: bool, what: impl FnOnce() -> String) -> FleetResult<()> {
     if holds { Ok(()) } else { Err(setup(what())) }
-}
-
-fn dump_logs(fleet: &Fleet) {
-    for entry in std::fs::read_dir(fleet.log_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(15).collect();
-        eprintln!(
-            "--- {}\n{}",
-            entry.path().display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
 }
 
 /// Records the names of ConfigMaps deleted on the spoke until `stop` is called.

@@ -258,18 +258,9 @@ async fn scenario(fleet: &mut Fleet) -> FleetResult<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_adoption_drift_and_orphan_with_the_real_binaries() {
     let mut fleet = Fleet::new(1).await.expect("start the fleet");
-    let logs = fleet.log_dir().to_path_buf();
     let outcome = scenario(&mut fleet).await;
     if let Err(err) = &outcome {
-        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            eprintln!(
-                "--- {}\n{}",
-                entry.path().display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
+        fleet.print_log_tails(20);
         panic!("{err}");
     }
     fleet.shutdown().await;

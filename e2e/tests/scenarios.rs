@@ -8,18 +8,9 @@ use brokkr_e2e::tour::{self, Narrator};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn examples_are_delivered_updated_across_a_restart_broken_deleted_and_agents_go_offline() {
     let mut fleet = Fleet::new(2).await.expect("start the fleet");
-    let logs = fleet.log_dir().to_path_buf();
     let outcome = tour::run(&mut fleet, &Narrator { narrate: false }).await;
     if let Err(err) = &outcome {
-        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            eprintln!(
-                "--- {}\n{}",
-                entry.path().display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
+        fleet.print_log_tails(15);
         panic!("{}", brokkr_operator::controllers::error_chain(err));
     }
     fleet.shutdown().await;

@@ -82,6 +82,8 @@ pub struct Context {
     pub config: ControllerConfig,
     pub metrics: Metrics,
     caches: Caches,
+    /// Resource uids of Stacks released while the database was unreachable.
+    released_without_database: tokio::sync::mpsc::UnboundedSender<uuid::Uuid>,
 }
 
 /// The watched objects other controllers consult (Agents for target expansion, ...).
@@ -92,7 +94,6 @@ struct Caches {
     stacks: Cache<Stack>,
     agents_listed: Listed,
     agent_targets_listed: Listed,
-    stacks_listed: Listed,
 }
 
 /// Whether a cache holds its first complete list, awaitable by any number of tasks.
@@ -239,8 +240,7 @@ pub async fn run(
         controller_with_readiness(Api::<Agent>::all(client.clone()), watch_agents.clone());
     let (agent_targets, agent_targets_listed) =
         controller_with_readiness(config.namespaced::<AgentTarget>(&client), watch.clone());
-    let (stacks, stacks_listed) =
-        controller_with_readiness(config.namespaced::<Stack>(&client), watch.clone());
+    let stacks = Controller::new(config.namespaced::<Stack>(&client), watch.clone());
     let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
     let stacks_api = config.namespaced::<Stack>(&client);
     let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
@@ -272,9 +272,10 @@ pub async fn run(
         stacks: stacks.store(),
         agents_listed,
         agent_targets_listed,
-        stacks_listed,
     };
+    let (released_without_database, retirements) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
+        released_without_database,
         recorder: Recorder::new(client.clone(), Reporter::from("brokkr-operator")),
         client: client.clone(),
         store,
@@ -334,11 +335,9 @@ pub async fn run(
         .run(generator::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    mirror.push(tokio::spawn(retire_orphaned_stack_rows(
-        caches.stacks.clone(),
-        caches.stacks_listed.clone(),
+    mirror.push(tokio::spawn(retire_released_stacks(
+        retirements,
         ctx.store.clone(),
-        ctx.config.watch_namespace.clone(),
     )));
     tokio::join!(agents, agent_targets, stacks, generators);
     for task in mirror {
@@ -346,71 +345,55 @@ pub async fn run(
     }
 }
 
-/// How often live stack rows are checked against the Stacks that exist.
-const ORPHAN_SWEEP_PERIOD: Duration = Duration::from_secs(300);
+/// How often rows of Stacks released without the database are retried.
+const RETIREMENT_RETRY: Duration = Duration::from_secs(5);
 
-/// Retires the rows of Stacks that no longer exist: a deletion released after its
-/// timeout while the database was unreachable leaves its row live, and its agents
-/// would hold the stack for ever. Runs at start (once the Stack cache is complete)
-/// and then every few minutes.
-async fn retire_orphaned_stack_rows(
-    stacks: Cache<Stack>,
-    stacks_listed: Listed,
+/// Soft-deletes the rows of Stacks (by resource uid) that were released after the
+/// deletion timeout while the database was unreachable, once it answers again, so that
+/// their agents get the deletion marker after all. Kept in memory: a hub that restarts
+/// before the database returns leaves such a row live (logged when it is released).
+async fn retire_released_stacks(
+    mut released: tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
     store: Store,
-    watch_namespace: Option<String>,
 ) {
-    if stacks_listed.wait().await.is_err() {
-        return;
-    }
+    let mut pending = std::collections::BTreeSet::new();
     loop {
-        // Rows first, then the cache: a row written before the query belongs to a Stack
-        // the cache had seen, so only a deleted Stack can be missing from it.
-        match store.live_stacks().await {
-            Ok(rows) => {
-                let present: std::collections::HashSet<uuid::Uuid> = stacks
-                    .state()
-                    .iter()
-                    .filter_map(|s| s.uid())
-                    .filter_map(|uid| uuid::Uuid::parse_str(&uid).ok())
-                    .collect();
-                for (id, name) in orphaned_rows(&rows, &present, watch_namespace.as_deref()) {
-                    match store.soft_delete_stack(id).await {
-                        Ok(_) => {
-                            tracing::info!(stack = %name, "retired the row of a Stack that no longer exists")
-                        }
-                        Err(err) => {
-                            warn!(stack = %name, error = %error_chain(&err), "failed to retire the row of a deleted Stack")
-                        }
+        if pending.is_empty() {
+            match released.recv().await {
+                Some(resource_uid) => pending.insert(resource_uid),
+                None => return,
+            };
+        }
+        while let Ok(resource_uid) = released.try_recv() {
+            pending.insert(resource_uid);
+        }
+        let mut retired = Vec::new();
+        for resource_uid in &pending {
+            let outcome = match store.find_live_stack_by_resource(*resource_uid).await {
+                Ok(Some(row)) => store
+                    .soft_delete_stack(row.id)
+                    .await
+                    .map(|_| Some(row.name)),
+                Ok(None) => Ok(None),
+                Err(err) => Err(err),
+            };
+            match outcome {
+                Ok(name) => {
+                    if let Some(name) = name {
+                        tracing::info!(stack = %name, "retired the row of a Stack released without the database");
                     }
+                    retired.push(*resource_uid);
                 }
-            }
-            Err(err) => {
-                warn!(error = %error_chain(&err), "failed to list stacks to find deleted ones")
+                Err(err) => debug!(error = %error_chain(&err), "the database is still unreachable"),
             }
         }
-        tokio::time::sleep(ORPHAN_SWEEP_PERIOD).await;
+        for resource_uid in retired {
+            pending.remove(&resource_uid);
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(RETIREMENT_RETRY).await;
+        }
     }
-}
-
-/// Live rows (id, name) whose Stack is not among `present` resource uids, within the
-/// watched namespace: pure.
-pub fn orphaned_rows(
-    rows: &[crate::entity::stacks::Model],
-    present: &std::collections::HashSet<uuid::Uuid>,
-    watch_namespace: Option<&str>,
-) -> Vec<(uuid::Uuid, String)> {
-    rows.iter()
-        .filter(|row| row.deleted_at.is_none())
-        .filter(|row| {
-            watch_namespace.is_none_or(|ns| {
-                row.name
-                    .split_once('/')
-                    .is_some_and(|(namespace, _)| namespace == ns)
-            })
-        })
-        .filter(|row| row.resource_uid.is_some_and(|uid| !present.contains(&uid)))
-        .map(|row| (row.id, row.name.clone()))
-        .collect()
 }
 
 fn error_policy<K>(_object: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
@@ -528,52 +511,4 @@ fn label_strings<K: Resource>(object: &K) -> Vec<String> {
         .flatten()
         .map(|(k, v)| format!("{k}={v}"))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashSet;
-
-    use super::*;
-    use crate::entity::stacks;
-
-    fn row(name: &str, uid: Option<uuid::Uuid>) -> stacks::Model {
-        stacks::Model {
-            id: uuid::Uuid::new_v4(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-            deleted_at: None,
-            name: name.to_owned(),
-            description: None,
-            generator_id: uuid::Uuid::new_v4(),
-            resource_uid: uid,
-        }
-    }
-
-    #[test]
-    fn rows_of_stacks_that_no_longer_exist_are_orphaned_within_the_watched_namespace() {
-        let (kept, gone, elsewhere) = (
-            uuid::Uuid::new_v4(),
-            uuid::Uuid::new_v4(),
-            uuid::Uuid::new_v4(),
-        );
-        let rows = vec![
-            row("shop/web", Some(kept)),
-            row("shop/old", Some(gone)),
-            row("other/app", Some(elsewhere)),
-            row("shop/unowned", None),
-        ];
-        let present = HashSet::from([kept]);
-        let names = |orphans: Vec<(uuid::Uuid, String)>| {
-            orphans.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
-        };
-        assert_eq!(
-            names(orphaned_rows(&rows, &present, Some("shop"))),
-            vec!["shop/old"]
-        );
-        assert_eq!(
-            names(orphaned_rows(&rows, &present, None)),
-            vec!["shop/old", "other/app"]
-        );
-    }
 }

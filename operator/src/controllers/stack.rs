@@ -340,6 +340,15 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
             Err(err) => Err(err),
         };
     }
+    if waiting.is_err() {
+        // Its row is retired (and the deletion marker written) once the database answers.
+        if let Ok(resource_uid) = resource_uid(&*stack) {
+            let _ = ctx.released_without_database.send(resource_uid);
+        }
+        tracing::warn!(
+            "released a Stack without the database; its row is retired when the database answers again"
+        );
+    }
     let why = match &waiting {
         Ok(waiting) => format!("without a removal report from: {}", waiting.join(", ")),
         Err(err) => format!(

@@ -159,14 +159,6 @@ impl Store {
             .await?)
     }
 
-    /// Every live stack.
-    pub async fn live_stacks(&self) -> StoreResult<Vec<stacks::Model>> {
-        Ok(stacks::Entity::find()
-            .filter(stacks::Column::DeletedAt.is_null())
-            .all(&self.db)
-            .await?)
-    }
-
     pub async fn find_stack(&self, stack_id: Uuid) -> StoreResult<Option<stacks::Model>> {
         Ok(stacks::Entity::find_by_id(stack_id).one(&self.db).await?)
     }
