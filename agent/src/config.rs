@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use brokkr_common::backoff::{self, Backoff};
+use brokkr_common::parse_interval;
 use clap::Parser;
-
-use crate::backoff::Backoff;
 
 /// The environment variable holding the agent's key (the alternative to `--key-file`).
 pub const AGENT_KEY_ENV: &str = "BROKKR_AGENT_KEY";
@@ -42,23 +42,23 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
 
     /// How often to send a heartbeat to the hub (e.g. `15s`, `1m`).
-    #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_interval)]
     pub heartbeat_interval: Duration,
 
     /// How often to re-apply everything and prune, whether or not anything changed.
-    #[arg(long, env = "BROKKR_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "BROKKR_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_interval)]
     pub resync_interval: Duration,
 
     /// How often to re-evaluate the health of applied objects.
-    #[arg(long, env = "BROKKR_HEALTH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "BROKKR_HEALTH_INTERVAL", default_value = "10s", value_parser = parse_interval)]
     pub health_interval: Duration,
 
     /// Longest wait of one long-poll for a new desired state (the hub caps it at 60s).
-    #[arg(long, env = "BROKKR_POLL_WAIT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "BROKKR_POLL_WAIT", default_value = "60s", value_parser = parse_interval)]
     pub poll_wait: Duration,
 
     /// How long to wait for an applied CustomResourceDefinition to become Established.
-    #[arg(long, env = "BROKKR_CRD_ESTABLISH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "BROKKR_CRD_ESTABLISH_TIMEOUT", default_value = "30s", value_parser = parse_interval)]
     pub crd_establish_timeout: Duration,
 
     /// Namespace of the agent's inventories (one ConfigMap per stack recording what the agent
@@ -167,8 +167,8 @@ impl Config {
             poll_wait: Duration::from_secs(brokkr_crds::wire::MAX_WAIT_SECONDS),
             crd_establish_timeout: Duration::from_secs(30),
             drift_debounce: Duration::from_secs(1),
-            hub_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-            retry_backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
+            hub_backoff: backoff::AGENT_HUB,
+            retry_backoff: backoff::AGENT_RETRY,
             log_json: false,
             namespace: None,
         })
@@ -252,33 +252,6 @@ pub fn validate_agent_name(name: &str) -> Result<String, ConfigError> {
         return fail("a label value starts and ends with a letter or digit");
     }
     Ok(name.to_owned())
-}
-
-/// `500ms`, `15s`, `5m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 15s, 5m or 1h"))?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(number),
-        "" | "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        "h" => Duration::from_secs(number.saturating_mul(3600)),
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    if duration.is_zero() {
-        return Err(format!("{text:?} is zero; a positive duration is needed"));
-    }
-    Ok(duration)
 }
 
 #[cfg(test)]
@@ -375,14 +348,32 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("42").unwrap(), Duration::from_secs(42));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
+    fn interval_flags_take_units_and_refuse_zero() {
+        let parsed = args(&["--heartbeat-interval", "42", "--health-interval", "250ms"]);
+        assert_eq!(parsed.heartbeat_interval, Duration::from_secs(42));
+        assert_eq!(parsed.health_interval, Duration::from_millis(250));
+        assert_eq!(
+            args(&["--resync-interval", "1h", "--poll-wait", "15s"]).resync_interval,
+            Duration::from_secs(3600)
+        );
+        for flag in [
+            "--heartbeat-interval",
+            "--resync-interval",
+            "--health-interval",
+            "--poll-wait",
+            "--crd-establish-timeout",
+        ] {
+            for bad in ["0s", "0", "5 parsecs", ""] {
+                let argv = [
+                    "brokkr-agent",
+                    "--hub-url",
+                    "http://hub",
+                    "--agent-name",
+                    "a",
+                ];
+                let result = Args::try_parse_from(argv.into_iter().chain([flag, bad]));
+                assert!(result.is_err(), "{flag} {bad:?}");
+            }
+        }
     }
 }

@@ -290,20 +290,6 @@ fn jittered(wait: Duration, unit: f64) -> Duration {
     (wait + wait.mul_f64(unit / 4.0)).min(MAX_RETRY_AFTER.max(wait))
 }
 
-/// The sources of an error, joined, for logs (the error's own message is logged beside it).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = String::new();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

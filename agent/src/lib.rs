@@ -48,7 +48,6 @@
 
 pub mod agent;
 pub mod apply;
-pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod hub;
@@ -60,21 +59,3 @@ pub mod reporter;
 pub use agent::{AgentError, AgentHandle, run, start};
 pub use config::{AGENT_KEY_ENV, AgentKey, Args, Config, ConfigError};
 
-/// Installs the global `tracing` subscriber: `RUST_LOG` filtering (default `info`), JSON lines
-/// when `json`.
-pub fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    let result = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-    if let Err(err) = result {
-        eprintln!("brokkr-agent: logging was already set up: {err}");
-    }
-}

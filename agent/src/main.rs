@@ -4,38 +4,27 @@
 use std::process::ExitCode;
 
 use brokkr_agent::{AGENT_KEY_ENV, Args, Config};
+use brokkr_common::{error_chain, init_tracing};
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    brokkr_agent::init_tracing(args.log_json);
+    init_tracing(args.log_json);
     let config = match Config::from_args(args, std::env::var(AGENT_KEY_ENV).ok()) {
         Ok(config) => config,
         Err(err) => {
-            tracing::error!("{}", report(&err));
+            tracing::error!("{}", error_chain(&err));
             return ExitCode::from(2);
         }
     };
     match brokkr_agent::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{}", report(&err));
+            tracing::error!("{}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error followed by its sources.
-fn report(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn shutdown_signal() {

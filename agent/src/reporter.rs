@@ -5,6 +5,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use brokkr_common::{Backoff, error_sources};
 use brokkr_crds::wire::{
     AgentEvent, EventBatch, EventStatus, EventType, MAX_EVENT_MESSAGE_CHARS, MAX_EVENTS_PER_BATCH,
     storable,
@@ -13,8 +14,7 @@ use reqwest::StatusCode;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::backoff::Backoff;
-use crate::hub::{Endpoint, HubClient, error_chain};
+use crate::hub::{Endpoint, HubClient};
 use crate::metrics::Metrics;
 
 /// Events kept while the hub is unreachable; past this the oldest are dropped.
@@ -153,7 +153,7 @@ impl Reporter {
                             "the hub refused the agent key while sending events (bad key, or the agent is suspended or deleted): keeping them and retrying"
                         ),
                         _ => {
-                            tracing::warn!(error = %err, source = %error_chain(&err), pending = self.pending(), "failed to send events: retrying")
+                            tracing::warn!(error = %err, source = %error_sources(&err), pending = self.pending(), "failed to send events: retrying")
                         }
                     }
                     tokio::time::sleep(backoff.jittered(attempt)).await;

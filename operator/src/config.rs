@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use brokkr_common::{parse_duration, parse_interval};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -103,7 +104,7 @@ pub struct RunArgs {
     pub api_unknown_key_burst: u32,
 
     /// Interval at which agents send heartbeats; three missed ones mark an agent Offline
-    #[arg(long, global = true, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_interval)]
     pub heartbeat_interval: Duration,
 
     /// Create or update the CRDs at start
@@ -115,7 +116,7 @@ pub struct RunArgs {
     pub deletion_timeout: Duration,
 
     /// How often Stack and AgentTarget status is refreshed from the database
-    #[arg(long, global = true, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_interval)]
     pub status_refresh: Duration,
 
     /// Reconcile Generators, Stacks and AgentTargets of this namespace only [default: all]
@@ -142,24 +143,6 @@ pub struct RunArgs {
     /// Log as JSON lines
     #[arg(long, global = true, env = "BROKKR_LOG_JSON")]
     pub log_json: bool,
-}
-
-/// `90`, `90s`, `5m`, `1h` or `250ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, ""), |i| text.split_at(i));
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 1h"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(value)),
-        "ms" => Ok(Duration::from_millis(value)),
-        "m" => Ok(Duration::from_secs(value * 60)),
-        "h" => Ok(Duration::from_secs(value * 3600)),
-        _ => Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
-    }
 }
 
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
@@ -198,14 +181,26 @@ mod tests {
     }
 
     #[test]
-    fn durations_take_the_common_units() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("").is_err());
+    fn durations_take_the_common_units_and_intervals_refuse_zero() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["brokkr-operator"].iter().chain(args));
+        for (text, expected) in [
+            ("90", Duration::from_secs(90)),
+            ("90s", Duration::from_secs(90)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("250ms", Duration::from_millis(250)),
+        ] {
+            let cli = parse(&["--deletion-timeout", text, "--status-refresh", text]).unwrap();
+            assert_eq!(cli.run.deletion_timeout, expected, "{text}");
+            assert_eq!(cli.run.status_refresh, expected, "{text}");
+        }
+        assert!(parse(&["--deletion-timeout", ""]).is_err());
+        assert!(parse(&["--deletion-timeout", "5 parsecs"]).is_err());
+        // A timeout of zero is a choice; a zero period would requeue or beat in a hot loop.
+        let cli = parse(&["--deletion-timeout", "0", "--api-idle-timeout", "0s"]).unwrap();
+        assert_eq!(cli.run.deletion_timeout, Duration::ZERO);
+        assert!(parse(&["--status-refresh", "0s"]).is_err());
+        assert!(parse(&["--heartbeat-interval", "0"]).is_err());
     }
 
     #[test]

@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
+use brokkr_common::{error_chain, init_tracing};
 use brokkr_operator::config::{Cli, Command};
-use brokkr_operator::controllers::error_chain;
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    brokkr_operator::init_tracing(cli.run.log_json);
+    init_tracing(cli.run.log_json);
     match cli.command.unwrap_or(Command::Run) {
         Command::Crd => {
             print!("{}", brokkr_crds::crds_yaml());

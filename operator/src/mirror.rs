@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use brokkr_common::backoff;
 use brokkr_crds::{Agent, Stack};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
@@ -31,11 +32,11 @@ pub fn stack_ref(database_name: &str) -> Option<ObjectRef<Stack>> {
 /// Forwards notifications to the controllers until the process ends, reconnecting
 /// after failures.
 pub async fn listen(database_url: String, triggers: Triggers) {
-    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
     loop {
         match listen_once(&database_url, &triggers).await {
             // Lost after it had worked: reconnect promptly.
-            Ok(()) => delay = Duration::from_millis(200),
+            Ok(()) => attempt = 0,
             Err(err) => {
                 warn!(error = %err, "lost the status notification connection; reconnecting");
             }
@@ -43,8 +44,8 @@ pub async fn listen(database_url: String, triggers: Triggers) {
         if triggers.stacks.is_closed() {
             return;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(backoff::RECONNECT.ceiling(attempt)).await;
+        attempt = attempt.saturating_add(1);
     }
 }
 

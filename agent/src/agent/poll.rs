@@ -4,13 +4,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use brokkr_common::error_sources;
 use brokkr_crds::wire::{DesiredState, Heartbeat};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::lock;
 use crate::config::Config;
-use crate::hub::{Endpoint, HubClient, error_chain};
+use crate::hub::{Endpoint, HubClient};
 use crate::metrics::Metrics;
 
 /// The long-poll: fetches the desired state, then waits on the hub for changes from its
@@ -65,7 +66,7 @@ pub(super) async fn poll_desired(
                 } else {
                     tracing::warn!(
                         error = %err,
-                        source = %error_chain(&err),
+                        source = %error_sources(&err),
                         retry_in = ?delay,
                         "failed to fetch the desired state; keeping everything applied"
                     );
@@ -97,7 +98,7 @@ pub(super) async fn send_heartbeats(
                 if err.is_auth() {
                     tracing::error!(error = %err, "the hub refused the agent key for a heartbeat");
                 } else {
-                    tracing::warn!(error = %err, source = %error_chain(&err), "failed to send a heartbeat");
+                    tracing::warn!(error = %err, source = %error_sources(&err), "failed to send a heartbeat");
                 }
             }
         }

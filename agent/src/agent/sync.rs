@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use brokkr_common::error_sources;
 use brokkr_crds::wire::{DesiredStack, EventStatus, EventType, Health};
 use brokkr_crds::{DEPLOYMENT_OBJECT_ANNOTATION, DriftPolicy, StackPolicy};
 use futures::future::join_all;
@@ -18,7 +19,7 @@ use uuid::Uuid;
 use super::Worker;
 use super::drift::{Change, DriftMemory};
 use crate::apply::{AppliedObject, Applier, FRESH_KIND_ATTEMPTS, KindKey, ObjectFailure};
-use crate::hub::{Endpoint, error_chain};
+use crate::hub::Endpoint;
 use crate::inventory::{self, Claim, Entry, Inventory, Live};
 use crate::manifest::{self, Manifest, ObjectKey, Ownership, Phase};
 use crate::reporter::Reporter;
@@ -293,7 +294,7 @@ impl Worker {
                     return true;
                 }
                 let delay = self.config.hub_backoff.jittered(stack.attempt);
-                tracing::warn!(error = %err, source = %error_chain(&err), retry_in = ?delay, "failed to fetch the deployment object");
+                tracing::warn!(error = %err, source = %error_sources(&err), retry_in = ?delay, "failed to fetch the deployment object");
                 stack.schedule_retry(delay);
                 false
             }

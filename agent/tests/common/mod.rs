@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use brokkr_agent::backoff::Backoff;
+use brokkr_common::Backoff;
 use brokkr_agent::inventory::{self, Inventory};
 use brokkr_agent::{AgentHandle, AgentKey, Config};
 use brokkr_crds::StackPolicy;

@@ -461,16 +461,7 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
 }
 
 /// An error and its sources on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use brokkr_common::error_chain;
 
 impl Bench {
     /// Prints the rows so far and writes them to the CSV, so that an interrupted run

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use brokkr_common::backoff;
 use brokkr_crds::wire::{
     API_PREFIX, DeploymentObject, DesiredState, EventBatch, EventBatchResult, Health, Heartbeat,
     HeartbeatAck, MAX_WAIT_SECONDS, StackSummary,
@@ -30,10 +31,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed request before the agent tries again: the real agent's policy,
 /// 1 s doubling to 60 s, half of it random.
 fn retry_after(failures: u32) -> Duration {
-    let ceiling = Duration::from_secs(1)
-        .saturating_mul(2u32.saturating_pow(failures.min(6)))
-        .min(Duration::from_secs(60));
-    ceiling / 2 + (ceiling / 2).mul_f64(rand::random::<f64>())
+    backoff::AGENT_HUB.jittered(failures)
 }
 
 /// The agent API of one hub.

@@ -28,6 +28,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use brokkr_common::backoff;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -190,12 +191,12 @@ impl ChangeFeed {
     }
 
     async fn listen_forever(&self, database_url: &str, store: &Store) {
-        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
         loop {
             match self.listen_once(database_url, store).await {
                 Ok(()) => {
                     warn!("lost the PostgreSQL notification connection; reconnecting");
-                    delay = Duration::from_millis(200);
+                    attempt = 0;
                 }
                 Err(err) => {
                     warn!(error = %err, "PostgreSQL notification connection failed; reconnecting");
@@ -203,8 +204,8 @@ impl ChangeFeed {
             }
             self.metrics.listener_reconnects.inc();
             self.forget_all();
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(backoff::RECONNECT.ceiling(attempt)).await;
+            attempt = attempt.saturating_add(1);
         }
     }
 

@@ -198,28 +198,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The error chain as one line, for Events and conditions (never content or keys:
 /// nothing in our errors carries them).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        // Some errors print their source in their own message; say it once.
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    const MAX: usize = 1000;
-    if text.len() > MAX {
-        let mut end = MAX;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
-}
+pub use brokkr_common::error_chain;
 
 /// Runs every controller until `shutdown` resolves.
 pub async fn run(

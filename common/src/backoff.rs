@@ -1,6 +1,22 @@
-//! Exponential backoff with jitter, as a pure schedule plus a thin random wrapper.
+//! Exponential backoff, as a pure schedule plus a thin random wrapper, and the policies the
+//! hub, the agent and the bench retry with.
+//
+// `backon` was considered: its jitter adds up to a whole extra delay (so it overshoots the
+// cap) and its schedules are stateful iterators, while callers here keep an attempt count per
+// stack and need "equal jitter" bounded by the cap.
 
 use std::time::Duration;
+
+/// The agent's retries of hub requests (desired state, deployment objects, events, heartbeats);
+/// the bench's simulated agents use it too.
+pub const AGENT_HUB: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// The agent's retries of a stack whose apply, prune or delete failed.
+pub const AGENT_RETRY: Backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+
+/// The hub's reconnections of a lost PostgreSQL notification listener, un-jittered
+/// ([`Backoff::ceiling`]): the hub is one process, there is no fleet to spread.
+pub const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
 /// An exponential backoff policy: `initial * 2^attempt`, capped at `max`, with "equal jitter"
 /// (half the delay fixed, half random) so a fleet of agents does not retry in lockstep.
@@ -72,5 +88,14 @@ mod tests {
         assert_eq!(POLICY.delay(2, f64::NAN), Duration::from_secs(2));
         assert_eq!(POLICY.delay(2, -3.0), Duration::from_secs(2));
         assert_eq!(POLICY.delay(2, 7.0), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn the_shared_policies_keep_their_timings() {
+        assert_eq!(AGENT_HUB, POLICY);
+        let retry: Vec<u64> = (0..10).map(|a| AGENT_RETRY.ceiling(a).as_secs()).collect();
+        assert_eq!(retry, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        let reconnect: Vec<u128> = (0..8).map(|a| RECONNECT.ceiling(a).as_millis()).collect();
+        assert_eq!(reconnect, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
     }
 }
