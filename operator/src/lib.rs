@@ -9,7 +9,6 @@ pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod run;
-pub mod selector;
 pub mod status;
 pub mod store;
 pub mod api;

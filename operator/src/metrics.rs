@@ -15,12 +15,19 @@ pub struct ControllerLabels {
     pub controller: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub controller: &'static str,
+    /// The error's category, the same word as the Warning Event's reason.
+    pub category: &'static str,
+}
+
 /// Cheap to clone; every clone records into the same registry.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     reconciles: Family<ControllerLabels, Counter>,
-    reconcile_failures: Family<ControllerLabels, Counter>,
+    reconcile_failures: Family<FailureLabels, Counter>,
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     pub leader: Gauge,
     pub api: ApiMetrics,
@@ -34,7 +41,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("brokkr_operator");
         let reconciles = Family::<ControllerLabels, Counter>::default();
-        let reconcile_failures = Family::<ControllerLabels, Counter>::default();
+        let reconcile_failures = Family::<FailureLabels, Counter>::default();
         let reconcile_seconds = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 14))
         });
@@ -101,12 +108,16 @@ pub struct ReconcileTimer {
 }
 
 impl ReconcileTimer {
-    pub fn finish(self, succeeded: bool) {
+    /// Counts the reconcile; `failure` is the category of the error that failed it.
+    pub fn finish(self, failure: Option<&'static str>) {
         self.metrics.reconciles.get_or_create(&self.labels).inc();
-        if !succeeded {
+        if let Some(category) = failure {
             self.metrics
                 .reconcile_failures
-                .get_or_create(&self.labels)
+                .get_or_create(&FailureLabels {
+                    controller: self.labels.controller,
+                    category,
+                })
                 .inc();
         }
         self.metrics

@@ -4,8 +4,9 @@
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
 use brokkr_crds::wire::{EventStatus, Health, parse_health_message};
 use brokkr_crds::{
-    AgentDeployState, AgentHealth, Condition, DeploymentObjectRef, MAX_AGENT_NAMES_IN_STATUS,
-    MAX_AGENTS_IN_STATUS, StackAgentStatus, StackStatus, Time, ready_ratio,
+    AgentDeployState, AgentHealth, AgentStatus, AgentTargetStatus, Condition, DeploymentObjectRef,
+    GeneratorStatus, MAX_AGENT_NAMES_IN_STATUS, MAX_AGENTS_IN_STATUS, StackAgentStatus,
+    StackStatus, Time, ready_ratio,
 };
 
 use crate::entity::deployment_objects;
@@ -340,6 +341,32 @@ pub fn conditions_changed(old: &[Condition], new: &[Condition]) -> bool {
     !brokkr_crds::conditions::conditions_eq_ignoring_time(old, new)
 }
 
+/// A resource status with standard conditions.
+pub trait ConditionedStatus: Clone + PartialEq {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+}
+
+macro_rules! conditioned_status {
+    ($($status:ty),*) => {
+        $(impl ConditionedStatus for $status {
+            fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+                &mut self.conditions
+            }
+        })*
+    };
+}
+
+conditioned_status!(AgentStatus, AgentTargetStatus, GeneratorStatus, StackStatus);
+
+/// Whether `new` differs from `old` in anything but condition timestamps: when it does
+/// not, the status patch is skipped, so that a resync never loops on its own writes.
+pub fn status_changed<S: ConditionedStatus>(old: &S, new: &S) -> bool {
+    let (mut old_rest, mut new_rest) = (old.clone(), new.clone());
+    let old_conditions = std::mem::take(old_rest.conditions_mut());
+    let new_conditions = std::mem::take(new_rest.conditions_mut());
+    old_rest != new_rest || conditions_changed(&old_conditions, &new_conditions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,6 +594,13 @@ mod tests {
             ),
         });
         assert!(!conditions_changed(&first.conditions, &later.conditions));
+        assert!(!status_changed(&first, &later), "only timestamps moved");
+        let mut fewer = later.clone();
+        fewer.failed_agents += 1;
+        assert!(
+            status_changed(&first, &fewer),
+            "a field besides the conditions"
+        );
         assert_eq!(
             condition(&first, "Ready").last_transition_time,
             condition(&later, "Ready").last_transition_time

@@ -918,7 +918,7 @@ async fn a_deletion_marker_stays_in_each_agents_desired_state_until_that_agent_r
 
     let marker = f.store.soft_delete_stack(db).await.unwrap().unwrap();
 
-    let holds_marker = |state: &brokkr_operator::store::DesiredState| {
+    let holds_marker = |state: &brokkr_operator::store::DesiredRows| {
         state
             .entries
             .iter()

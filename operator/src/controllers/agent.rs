@@ -12,11 +12,11 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use super::keys::ensure_key_secret;
+use super::key_secrets::ensure_key_secret;
 use super::{
-    Context, Error, Result, apply_status, label_strings, publish, resource_uid, with_finalizer,
+    Context, Error, Result, label_strings, publish, resource_uid, with_finalizer, write_status,
 };
-use crate::status::{conditions_changed, now, to_time};
+use crate::status::{now, to_time};
 use crate::store::{AgentKey, AgentSync, StoreError, limits};
 
 #[instrument(skip_all, fields(agent = %agent.name_any()))]
@@ -176,7 +176,7 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
             now(),
         ),
     );
-    write_status(&api, &agent, &previous, &status).await?;
+    write_status(&api, &*agent, Some(&previous), &status).await?;
     // Heartbeat times are refreshed this often; Online/Offline flips come at once.
     Ok(Action::requeue(Duration::from_secs(60)))
 }
@@ -211,23 +211,7 @@ async fn refuse(
         )
         .await;
     }
-    write_status(api, agent, previous, &status).await
-}
-
-async fn write_status(
-    api: &Api<Agent>,
-    agent: &Agent,
-    previous: &AgentStatus,
-    status: &AgentStatus,
-) -> Result<()> {
-    let mut a = previous.clone();
-    let mut b = status.clone();
-    a.conditions.clear();
-    b.conditions.clear();
-    if a != b || conditions_changed(&previous.conditions, &status.conditions) {
-        apply_status(api, agent, status).await?;
-    }
-    Ok(())
+    write_status(api, agent, Some(previous), &status).await
 }
 
 async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action> {

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
 use brokkr_crds::{Agent, AgentTarget, AgentTargetStatus, Stack};
 use kube::api::ListParams;
+use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument};
 
-use super::{Context, Error, Result, apply_status, publish, resource_uid, with_finalizer};
-use crate::selector;
-use crate::status::{bounded_names, conditions_changed, now};
+use super::{Context, Error, Result, publish, resource_uid, with_finalizer, write_status};
+use crate::status::{bounded_names, now};
 
 #[instrument(skip_all, fields(agent_target = %target.name_any(), namespace = target.namespace().unwrap_or_default()))]
 pub async fn reconcile(target: Arc<AgentTarget>, ctx: Arc<Context>) -> Result<Action> {
@@ -54,9 +54,11 @@ pub fn expand(target: &AgentTarget, agents: &[Arc<Agent>]) -> Expansion {
             None => expansion.missing.push(name.clone()),
         }
     }
-    if let Some(selector) = &target.spec.agent_selector {
+    // The spec is validated before it gets here; a selector kube-core still refuses
+    // (an unknown operator, `In` without values) selects no Agent.
+    if let Some(Ok(selector)) = target.spec.agent_selector.clone().map(Selector::try_from) {
         for agent in agents {
-            if selector::matches(selector, agent.labels()) {
+            if selector.matches(agent.labels()) {
                 expansion
                     .matched
                     .insert(agent.name_any(), agent.uid().unwrap_or_default());
@@ -312,14 +314,7 @@ async fn finish(
         )
         .await;
     }
-    let mut a = previous.clone();
-    let mut b = status.clone();
-    a.conditions.clear();
-    b.conditions.clear();
-    if a != b || conditions_changed(&previous.conditions, &status.conditions) {
-        apply_status(api, target, &status).await?;
-    }
-    Ok(())
+    write_status(api, target, Some(previous), &status).await
 }
 
 async fn cleanup(target: Arc<AgentTarget>, ctx: &Context) -> Result<Action> {
@@ -431,6 +426,93 @@ mod tests {
         assert_eq!(selected, BTreeSet::from([uuid::Uuid::from_u128(1)]));
         // The AgentTarget being deleted selects nothing.
         assert!(selected_agent_uids(all.iter(), &agents, "ns", "app", Some("t-1")).is_empty());
+    }
+
+    fn selector(yaml: &str) -> Selector {
+        let selector: brokkr_crds::LabelSelector = serde_yaml::from_str(yaml).unwrap();
+        Selector::try_from(selector).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn match_labels_need_every_pair() {
+        let s = selector("matchLabels: {env: prod, region: eu}");
+        assert!(s.matches(&labels(&[("env", "prod"), ("region", "eu"), ("x", "y")])));
+        assert!(!s.matches(&labels(&[("env", "prod")])));
+        assert!(!s.matches(&labels(&[("env", "dev"), ("region", "eu")])));
+    }
+
+    #[test]
+    fn expressions_follow_kubernetes_operators() {
+        let s = selector(
+            "matchExpressions:
+  - {key: env, operator: In, values: [prod, staging]}
+  - {key: tier, operator: NotIn, values: [legacy]}
+  - {key: gpu, operator: Exists}
+  - {key: quarantined, operator: DoesNotExist}",
+        );
+        assert!(s.matches(&labels(&[("env", "prod"), ("gpu", "a100")])));
+        assert!(s.matches(&labels(&[("env", "staging"), ("gpu", ""), ("tier", "web")])));
+        assert!(!s.matches(&labels(&[("env", "dev"), ("gpu", "x")])), "In");
+        assert!(
+            !s.matches(&labels(&[
+                ("env", "prod"),
+                ("gpu", "x"),
+                ("tier", "legacy")
+            ])),
+            "NotIn"
+        );
+        assert!(!s.matches(&labels(&[("env", "prod")])), "Exists");
+        assert!(
+            !s.matches(&labels(&[
+                ("env", "prod"),
+                ("gpu", "x"),
+                ("quarantined", "yes")
+            ])),
+            "DoesNotExist"
+        );
+    }
+
+    #[test]
+    fn an_empty_selector_matches_every_agent() {
+        assert!(selector("{}").matches(&labels(&[])));
+        assert!(selector("{}").matches(&labels(&[("a", "b")])));
+    }
+
+    #[test]
+    fn expressions_and_labels_are_both_required() {
+        let agents = [
+            agent("edge-1", &[("env", "prod"), ("gpu", "a100")]),
+            agent("edge-2", &[("env", "prod")]),
+        ];
+        let t = target(
+            "stackRef: {name: app}\nagentSelector:\n  matchLabels: {env: prod}\n  matchExpressions: [{key: gpu, operator: Exists}]\n",
+        );
+        assert_eq!(
+            expand(&t, &agents).matched.keys().collect::<Vec<_>>(),
+            vec!["edge-1"]
+        );
+    }
+
+    #[test]
+    fn an_invalid_selector_selects_no_agent() {
+        let agents = [agent("edge-1", &[("env", "prod")])];
+        for expression in [
+            "{key: env, operator: Matches, values: [prod]}",
+            "{key: env, operator: NotIn}",
+        ] {
+            let t = target(&format!(
+                "stackRef: {{name: app}}\nagentSelector: {{matchExpressions: [{expression}]}}\n"
+            ));
+            assert!(t.spec.validate().is_err(), "{expression}");
+            assert!(expand(&t, &agents).matched.is_empty(), "{expression}");
+        }
     }
 
     #[test]

@@ -10,9 +10,9 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use super::keys::ensure_key_secret;
-use super::{Context, Error, Result, apply_status, resource_uid, with_finalizer};
-use crate::status::{conditions_changed, now};
+use super::key_secrets::ensure_key_secret;
+use super::{Context, Error, Result, resource_uid, with_finalizer, write_status};
+use crate::status::now;
 use crate::store::GeneratorSync;
 
 #[instrument(skip_all, fields(generator = %generator.name_any(), namespace = generator.namespace().unwrap_or_default()))]
@@ -91,19 +91,9 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         active: row.is_active,
         api_key_secret: Some(secret),
     };
-    if status_changed(&previous, &status) {
-        let api: Api<Generator> = Api::namespaced(ctx.client.clone(), namespace);
-        apply_status(&api, &*generator, &status).await?;
-    }
+    let api: Api<Generator> = Api::namespaced(ctx.client.clone(), namespace);
+    write_status(&api, &*generator, Some(&previous), &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-fn status_changed(old: &GeneratorStatus, new: &GeneratorStatus) -> bool {
-    let mut old_rest = old.clone();
-    let mut new_rest = new.clone();
-    old_rest.conditions.clear();
-    new_rest.conditions.clear();
-    old_rest != new_rest || conditions_changed(&old.conditions, &new.conditions)
 }
 
 async fn cleanup(generator: Arc<Generator>, ctx: &Context) -> Result<Action> {

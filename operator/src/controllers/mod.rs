@@ -7,12 +7,13 @@
 mod agent;
 mod agent_target;
 mod generator;
-mod keys;
+mod key_secrets;
 mod stack;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use brokkr_crds::conditions::reasons;
 use brokkr_crds::{Agent, AgentTarget, Generator, OPERATOR_FIELD_MANAGER, Stack};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
@@ -27,6 +28,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::status::{ConditionedStatus, status_changed};
 use crate::store::{Store, StoreError};
 
 /// Settings the controllers need.
@@ -179,6 +181,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind of failure in one PascalCase word: the reason of the Warning Event and
+    /// the `category` label of the `reconcile_failures` metric.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Store(_) | Error::DatabaseTimeout => categories::DATABASE,
+            Error::Kube(_) => categories::KUBERNETES,
+            Error::MissingMetadata(_) => categories::MISSING_METADATA,
+            Error::DeletionPending => categories::DELETION_PENDING,
+            Error::CachesNotSynced => categories::CACHES_NOT_SYNCED,
+            Error::Finalizer(inner) => match &**inner {
+                finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => {
+                    err.category()
+                }
+                finalizer::Error::AddFinalizer(_) | finalizer::Error::RemoveFinalizer(_) => {
+                    categories::KUBERNETES
+                }
+                _ => reasons::RECONCILE_ERROR,
+            },
+        }
+    }
+
     /// Whether this is the normal state of waiting, not a failure worth an Event.
     fn is_waiting(&self) -> bool {
         match self {
@@ -195,6 +218,15 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What [`Error::category`] returns, besides `reasons::RECONCILE_ERROR` for the rest.
+pub mod categories {
+    pub const DATABASE: &str = "DatabaseError";
+    pub const KUBERNETES: &str = "KubernetesError";
+    pub const MISSING_METADATA: &str = "MissingMetadata";
+    pub const DELETION_PENDING: &str = "DeletionPending";
+    pub const CACHES_NOT_SYNCED: &str = "CachesNotSynced";
+}
 
 /// The error chain as one line, for Events and conditions (never content or keys:
 /// nothing in our errors carries them).
@@ -412,16 +444,15 @@ where
     })
     .await
     .map_err(|err| Error::Finalizer(Box::new(err)));
-    timer.finish(outcome.is_ok() || outcome.as_ref().is_err_and(Error::is_waiting));
-    if let Err(err) = &outcome
-        && !err.is_waiting()
-    {
+    let failure = outcome.as_ref().err().filter(|err| !err.is_waiting());
+    timer.finish(failure.map(Error::category));
+    if let Some(err) = failure {
         let note = error_chain(err);
         publish(
             ctx,
             &reference,
             EventType::Warning,
-            "ReconcileError",
+            err.category(),
             "Reconcile",
             note,
         )
@@ -449,6 +480,24 @@ async fn publish(
     if let Err(err) = ctx.recorder.publish(&event, reference).await {
         warn!(error = %error_chain(&err), reason, "failed to publish an Event");
     }
+}
+
+/// Writes `status` unless nothing but condition timestamps changed since `previous`
+/// (`None`: the object has no status yet).
+async fn write_status<K, S>(
+    api: &Api<K>,
+    object: &K,
+    previous: Option<&S>,
+    status: &S,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: ConditionedStatus + Serialize,
+{
+    if previous.is_none_or(|previous| status_changed(previous, status)) {
+        apply_status(api, object, status).await?;
+    }
+    Ok(())
 }
 
 /// Writes `status` to the object's status subresource with server-side apply.
@@ -490,4 +539,28 @@ fn label_strings<K: Resource>(object: &K) -> Vec<String> {
         .flatten()
         .map(|(k, v)| format!("{k}={v}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_named_by_its_category_through_the_finalizer() {
+        assert_eq!(Error::DatabaseTimeout.category(), "DatabaseError");
+        assert_eq!(
+            Error::Store(StoreError::not_found("stack")).category(),
+            "DatabaseError"
+        );
+        let applying = finalizer::Error::ApplyFailed(Error::MissingMetadata("uid"));
+        assert_eq!(
+            Error::Finalizer(Box::new(applying)).category(),
+            "MissingMetadata"
+        );
+        let unnamed = finalizer::Error::<Error>::UnnamedObject;
+        assert_eq!(
+            Error::Finalizer(Box::new(unnamed)).category(),
+            reasons::RECONCILE_ERROR
+        );
+    }
 }

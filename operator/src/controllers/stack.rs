@@ -1,5 +1,20 @@
 //! Stack → `stacks` row, labels, annotations and deployment objects; status from the
 //! agents' reports; deletion held by the finalizer until the agents report removal.
+//!
+//! A reconcile, in order:
+//! 1. finds the Generator and its live row; without them nothing is written but the
+//!    status (`GeneratorNotFound`);
+//! 2. makes the Stack a dependent of the Generator (`ensure_owner`), an API write made
+//!    before, and outside, the database transaction;
+//! 3. validates and renders the spec ([`plan`], pure);
+//! 4. writes the row, labels, annotations and, when the spec is accepted and its
+//!    checksum is new, a deployment object in one transaction (`Store::sync_stack`); a
+//!    refused spec keeps the last labels, annotations and content;
+//! 5. computes the status from the agents' reports and writes it when more than
+//!    timestamps changed.
+//!
+//! Deletion waits until every targeted agent reported the removal, or until the
+//! deletion timeout; past it the Stack is released, with or without the database.
 
 use std::sync::Arc;
 
@@ -14,9 +29,10 @@ use tracing::{info, instrument};
 
 use super::{
     Context, Error, Result, apply_status, label_strings, publish, resource_uid, with_finalizer,
+    write_status,
 };
 use crate::render::{Rendered, render_manifests, render_resources};
-use crate::status::{Acceptance, StackStatusInput, conditions_changed, now, stack_status};
+use crate::status::{Acceptance, StackStatusInput, now, stack_status};
 use crate::store::{StackContent, StackSync, StoreError, limits};
 
 #[instrument(skip_all, fields(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default()))]
@@ -253,28 +269,6 @@ async fn announce_refusal(
         )
         .await;
     }
-}
-
-async fn write_status(
-    api: &Api<Stack>,
-    stack: &Stack,
-    previous: Option<&StackStatus>,
-    status: &StackStatus,
-) -> Result<()> {
-    let changed = match previous {
-        None => true,
-        Some(previous) => {
-            let mut a = previous.clone();
-            let mut b = status.clone();
-            a.conditions.clear();
-            b.conditions.clear();
-            a != b || conditions_changed(&previous.conditions, &status.conditions)
-        }
-    };
-    if changed {
-        apply_status(api, stack, status).await?;
-    }
-    Ok(())
 }
 
 /// Makes the Stack a dependent of its Generator, so that Kubernetes' garbage

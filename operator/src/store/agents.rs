@@ -49,28 +49,6 @@ impl Store {
         Ok(agent)
     }
 
-    /// Replaces an agent's labels (`key=value` strings).
-    pub async fn replace_agent_labels(&self, agent_id: Uuid, labels: &[String]) -> StoreResult<()> {
-        check_labels(labels)?;
-        let txn = self.db.begin().await?;
-        replace_labels(&txn, Owner::Agent(agent_id), labels).await?;
-        txn.commit().await?;
-        Ok(())
-    }
-
-    /// Replaces an agent's annotations.
-    pub async fn replace_agent_annotations(
-        &self,
-        agent_id: Uuid,
-        annotations: &BTreeMap<String, String>,
-    ) -> StoreResult<()> {
-        check_annotations(annotations)?;
-        let txn = self.db.begin().await?;
-        replace_annotations(&txn, Owner::Agent(agent_id), annotations).await?;
-        txn.commit().await?;
-        Ok(())
-    }
-
     /// Stores the prefix and hash of a newly issued agent key, replacing any earlier key.
     pub async fn set_agent_key(&self, agent_id: Uuid, key: &AgentKey) -> StoreResult<()> {
         check_len("key prefix", &key.prefix, limits::PAK_PREFIX)?;
@@ -88,6 +66,7 @@ impl Store {
     }
 
     /// The live agent whose key has this public prefix.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn find_agent_by_key_prefix(
         &self,
         prefix: &str,
@@ -184,18 +163,6 @@ impl Store {
         Ok(result.rows_affected())
     }
 
-    /// Sets an agent's `status` column (`Online`, `Offline`, ...).
-    pub async fn set_agent_status(&self, agent_id: Uuid, status: &str) -> StoreResult<()> {
-        check_len("agent status", status, limits::AGENT_STATUS)?;
-        agents::Entity::update_many()
-            .col_expr(agents::Column::Status, Expr::value(status))
-            .filter(agents::Column::Id.eq(agent_id))
-            .filter(agents::Column::Status.ne(status))
-            .exec(&self.db)
-            .await?;
-        Ok(())
-    }
-
     /// Marks `Offline` every live `Online` agent whose last heartbeat is older than
     /// `silence`, returning their names.
     pub async fn mark_silent_agents_offline(
@@ -232,6 +199,7 @@ impl Store {
     }
 
     /// Removes an agent with its targets, events, labels and annotations.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn hard_delete_agent(&self, agent_id: Uuid) -> StoreResult<bool> {
         let txn = self.db.begin().await?;
         let deleted = agents::Entity::delete_by_id(agent_id).exec(&txn).await?;

@@ -20,12 +20,13 @@ pub struct DesiredEntry {
     pub stack_deleted: bool,
 }
 
-/// The desired state of one agent: per targeted live stack its newest live deployment
+/// The desired state of one agent as the database holds it (the API sends it as
+/// `wire::DesiredState`): per targeted live stack its newest live deployment
 /// object, plus the deletion markers of deleted stacks whose removal the agent has not
 /// reported yet. Deletion is state, not an edge: an agent that was busy, offline or
 /// restarted when the stack was deleted still finds the marker in its set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredState {
+pub struct DesiredRows {
     /// Ordered by stack id.
     pub entries: Vec<DesiredEntry>,
     /// The highest sequence among `entries` (or the caller's cursor, if higher).
@@ -277,13 +278,13 @@ impl Store {
     /// What `agent_id` should hold now, whatever its cursor: a deleted stack's marker
     /// stays until the agent reports the removal. `since` (the agent's cursor) only
     /// floors `max_sequence`.
-    pub async fn desired_for_agent(&self, agent_id: Uuid, since: i64) -> StoreResult<DesiredState> {
+    pub async fn desired_for_agent(&self, agent_id: Uuid, since: i64) -> StoreResult<DesiredRows> {
         let entries =
             DesiredEntry::find_by_statement(statement(DESIRED_FOR_AGENT, [agent_id.into()]))
                 .all(&self.db)
                 .await?;
         let max_sequence = entries.iter().map(|e| e.sequence_id).fold(since, i64::max);
-        Ok(DesiredState {
+        Ok(DesiredRows {
             entries,
             max_sequence,
         })
@@ -318,6 +319,7 @@ impl Store {
 
     /// Explains the desired-state query's plan for `agent_id` (EXPLAIN ANALYZE), for
     /// benchmarks and the closing notes of performance work.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn explain_desired_for_agent(&self, agent_id: Uuid) -> StoreResult<String> {
         let rows = self
             .db

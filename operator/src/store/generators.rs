@@ -117,6 +117,7 @@ impl Store {
     }
 
     /// Removes a generator and everything it created, history included.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn hard_delete_generator(&self, generator_id: Uuid) -> StoreResult<bool> {
         let txn = self.db.begin().await?;
         let deleted = generators::Entity::delete_by_id(generator_id)

@@ -20,7 +20,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, Statement, Value};
 
 pub use agents::{AgentKey, AgentSync, check_agent_version};
-pub use deployments::{DesiredEntry, DesiredState, HeadObject, StackHead};
+pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
 pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;

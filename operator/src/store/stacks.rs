@@ -97,6 +97,7 @@ impl Store {
 
     /// Records `content` as the stack's new desired state, unless it already is: the
     /// existing deployment object comes back when the checksum is unchanged.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn record_deployment_object(
         &self,
         stack_id: Uuid,
@@ -114,6 +115,7 @@ impl Store {
     }
 
     /// Replaces a stack's labels (`key=value` strings).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn replace_stack_labels(&self, stack_id: Uuid, labels: &[String]) -> StoreResult<()> {
         check_labels(labels)?;
         let txn = self.db.begin().await?;
@@ -123,6 +125,7 @@ impl Store {
     }
 
     /// Replaces a stack's annotations.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn replace_stack_annotations(
         &self,
         stack_id: Uuid,
@@ -159,6 +162,7 @@ impl Store {
             .await?)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub async fn find_stack(&self, stack_id: Uuid) -> StoreResult<Option<stacks::Model>> {
         Ok(stacks::Entity::find_by_id(stack_id).one(&self.db).await?)
     }
@@ -195,6 +199,7 @@ impl Store {
     }
 
     /// Removes a stack with its targets, deployment objects and their events.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn hard_delete_stack(&self, stack_id: Uuid) -> StoreResult<bool> {
         let txn = self.db.begin().await?;
         let deleted = stacks::Entity::delete_by_id(stack_id).exec(&txn).await?;
