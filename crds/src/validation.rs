@@ -9,17 +9,76 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+/// Column sizes of the hub's database schema, in characters (as `VARCHAR(n)` counts them).
+/// The hub checks every value against them before it writes, and the spec checks below use
+/// the same numbers, so nothing the operator accepts is truncated or refused later.
+pub mod limits {
+    pub const NAME: usize = 255;
+    pub const CLUSTER_NAME: usize = 255;
+    pub const AGENT_STATUS: usize = 50;
+    pub const EVENT_TYPE: usize = 50;
+    pub const EVENT_STATUS: usize = 10;
+    /// A label as the hub stores it: `key=value`.
+    pub const LABEL: usize = 64;
+    pub const ANNOTATION_KEY: usize = 64;
+    pub const ANNOTATION_VALUE: usize = 64;
+    pub const PAK_PREFIX: usize = 32;
+    pub const AGENT_VERSION: usize = 64;
+    /// `agent_events.message` is TEXT; the bound keeps one chatty agent from filling
+    /// the database with a single report.
+    pub const EVENT_MESSAGE: usize = 4096;
+}
+
 /// Longest annotation key accepted in `spec.annotations` (the database column is `VARCHAR(64)`).
-pub const ANNOTATION_KEY_MAX_LEN: usize = 64;
+pub const ANNOTATION_KEY_MAX_LEN: usize = limits::ANNOTATION_KEY;
 /// Longest annotation value accepted in `spec.annotations` (the database column is `VARCHAR(64)`).
-pub const ANNOTATION_VALUE_MAX_LEN: usize = 64;
+pub const ANNOTATION_VALUE_MAX_LEN: usize = limits::ANNOTATION_VALUE;
 /// Most entries accepted in `spec.annotations`.
 pub const MAX_ANNOTATIONS: usize = 64;
 /// Longest name accepted in a reference or list of names (Kubernetes object names are at
 /// most 253 characters).
 pub const NAME_MAX_LEN: usize = 253;
 /// Longest `spec.clusterName` of an Agent (the database column is `VARCHAR(255)`).
-pub const CLUSTER_NAME_MAX_LEN: usize = 255;
+pub const CLUSTER_NAME_MAX_LEN: usize = limits::CLUSTER_NAME;
+
+/// The length of `value` in characters when it is longer than `max`, else `None`. Lengths
+/// are counted in characters, as PostgreSQL's `VARCHAR(n)`, the apiserver's `maxLength` and
+/// CEL's `size()` count them, not in bytes.
+pub fn length_over(value: &str, max: usize) -> Option<usize> {
+    // A string of at most `max` bytes has at most `max` characters: skip the count.
+    if value.len() <= max {
+        return None;
+    }
+    let len = value.chars().count();
+    (len > max).then_some(len)
+}
+
+/// A label longer than the hub stores ([`limits::LABEL`] characters as `key=value`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "label {label:?} is {len} characters as key=value; at most {max} are allowed",
+    max = limits::LABEL
+)]
+pub struct LabelTooLong {
+    /// The label as `key=value`.
+    pub label: String,
+    /// Its length in characters.
+    pub len: usize,
+}
+
+/// Refuses the first of `labels` (each `key=value`) longer than [`limits::LABEL`] characters.
+pub fn check_labels<S: AsRef<str>>(labels: &[S]) -> Result<(), LabelTooLong> {
+    for label in labels {
+        let label = label.as_ref();
+        if let Some(len) = length_over(label, limits::LABEL) {
+            return Err(LabelTooLong {
+                label: label.to_owned(),
+                len,
+            });
+        }
+    }
+    Ok(())
+}
 
 /// Why a spec is refused. The message is written for the user: it names the field and
 /// says what to change.
@@ -86,22 +145,19 @@ pub(crate) fn validate_annotations(
     for (key, value) in annotations {
         validate_storable(|| "spec.annotations key".to_owned(), key)?;
         validate_storable(|| format!("spec.annotations[{:?}]", shorten(key)), value)?;
-        // Lengths in characters, as the apiserver's maxLength and CEL's size() count them.
-        let key_len = key.chars().count();
-        if key_len == 0 {
+        if key.is_empty() {
             return Err(SpecError::EmptyAnnotationKey);
         }
-        if key_len > ANNOTATION_KEY_MAX_LEN {
+        if let Some(len) = length_over(key, ANNOTATION_KEY_MAX_LEN) {
             return Err(SpecError::AnnotationKeyTooLong {
                 key: shorten(key),
-                len: key_len,
+                len,
             });
         }
-        let value_len = value.chars().count();
-        if value_len > ANNOTATION_VALUE_MAX_LEN {
+        if let Some(len) = length_over(value, ANNOTATION_VALUE_MAX_LEN) {
             return Err(SpecError::AnnotationValueTooLong {
                 key: key.clone(),
-                len: value_len,
+                len,
             });
         }
     }
@@ -111,11 +167,10 @@ pub(crate) fn validate_annotations(
 /// Checks a required name-like field: not empty, not longer than `max` characters.
 pub(crate) fn validate_name(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
     validate_storable(|| field.to_owned(), value)?;
-    let len = value.chars().count();
-    if len == 0 {
+    if value.is_empty() {
         return Err(SpecError::EmptyField { field });
     }
-    if len > max {
+    if let Some(len) = length_over(value, max) {
         return Err(SpecError::FieldTooLong { field, len, max });
     }
     Ok(())
@@ -214,6 +269,33 @@ mod tests {
                 count: MAX_ANNOTATIONS + 1
             })
         );
+    }
+
+    #[test]
+    fn labels_past_64_characters_as_key_value_are_refused_with_their_length() {
+        let fits = format!("team={}", "é".repeat(limits::LABEL - 5));
+        assert_eq!(check_labels(&[fits]), Ok(()));
+        let long = format!("team={}", "é".repeat(limits::LABEL - 4));
+        let err = check_labels(&["a=b".to_owned(), long.clone()]).unwrap_err();
+        assert_eq!(
+            err,
+            LabelTooLong {
+                label: long,
+                len: 65
+            }
+        );
+        assert!(
+            err.to_string()
+                .ends_with("is 65 characters as key=value; at most 64 are allowed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn length_over_counts_characters() {
+        assert_eq!(length_over(&"é".repeat(64), 64), None);
+        assert_eq!(length_over(&"é".repeat(65), 64), Some(65));
+        assert_eq!(length_over("", 0), None);
     }
 
     #[test]

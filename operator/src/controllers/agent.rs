@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
+use brokkr_crds::validation::check_labels;
 use brokkr_crds::{Agent, AgentPhase, AgentStatus, SecretRef};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
@@ -17,7 +18,7 @@ use super::{
     Context, Error, Result, label_strings, publish, resource_uid, with_finalizer, write_status,
 };
 use crate::status::{now, to_time};
-use crate::store::{AgentKey, AgentSync, StoreError, limits};
+use crate::store::{AgentKey, AgentSync, StoreError};
 
 #[instrument(skip_all, fields(agent = %agent.name_any()))]
 pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
@@ -42,16 +43,7 @@ pub fn validate(agent: &Agent, labels: &[String]) -> Option<String> {
     if let Err(err) = agent.spec.validate() {
         return Some(err.to_string());
     }
-    labels
-        .iter()
-        .find(|l| l.chars().count() > limits::LABEL)
-        .map(|label| {
-            format!(
-                "label {label:?} is {} characters as key=value; at most {} are allowed",
-                label.chars().count(),
-                limits::LABEL
-            )
-        })
+    check_labels(labels).err().map(|err| err.to_string())
 }
 
 async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Action> {

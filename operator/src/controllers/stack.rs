@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use brokkr_crds::conditions::{find_condition, reasons, types};
+use brokkr_crds::validation::check_labels;
 use brokkr_crds::wire::EventStatus;
 use brokkr_crds::{API_VERSION, Generator, OPERATOR_FIELD_MANAGER, Stack, StackStatus};
 use kube::api::{Patch, PatchParams};
@@ -33,7 +34,7 @@ use super::{
 };
 use crate::render::{Rendered, render_manifests, render_resources};
 use crate::status::{Acceptance, StackStatusInput, now, stack_status};
-use crate::store::{StackContent, StackSync, StoreError, limits};
+use crate::store::{StackContent, StackSync, StoreError};
 
 #[instrument(skip_all, fields(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default()))]
 pub async fn reconcile(stack: Arc<Stack>, ctx: Arc<Context>) -> Result<Action> {
@@ -71,14 +72,10 @@ pub fn plan(stack: &Stack, labels: &[String]) -> Plan {
             message: err.to_string(),
         };
     }
-    if let Some(label) = labels.iter().find(|l| l.chars().count() > limits::LABEL) {
+    if let Err(err) = check_labels(labels) {
         return Plan::Refuse {
             reason: reasons::INVALID_SPEC,
-            message: format!(
-                "label {label:?} is {} characters as key=value; at most {} are allowed",
-                label.chars().count(),
-                limits::LABEL
-            ),
+            message: err.to_string(),
         };
     }
     if stack.spec.suspend {

@@ -26,22 +26,9 @@ pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;
 pub use stacks::{StackContent, StackSync, StackSynced, TargetsChanged};
 
-/// Column sizes of the schema, checked before every write so that nothing is truncated.
-pub mod limits {
-    pub const NAME: usize = 255;
-    pub const CLUSTER_NAME: usize = 255;
-    pub const AGENT_STATUS: usize = 50;
-    pub const EVENT_TYPE: usize = 50;
-    pub const EVENT_STATUS: usize = 10;
-    pub const LABEL: usize = 64;
-    pub const ANNOTATION_KEY: usize = 64;
-    pub const ANNOTATION_VALUE: usize = 64;
-    pub const PAK_PREFIX: usize = 32;
-    pub const AGENT_VERSION: usize = 64;
-    /// `agent_events.message` is TEXT; the bound keeps one chatty agent from filling
-    /// the database with a single report.
-    pub const EVENT_MESSAGE: usize = 4096;
-}
+/// Column sizes of the schema, checked before every write so that nothing is truncated;
+/// the CRDs' spec checks use the same ones.
+pub use brokkr_crds::validation::limits;
 
 /// TCP keepalive of every PostgreSQL connection the hub opens (the pool and each LISTEN
 /// connection), as `(setting, value)` startup options. sqlx cannot set `SO_KEEPALIVE` on
@@ -158,8 +145,7 @@ impl Store {
 
 /// Refuses `value` when it has more characters than the column `field` holds.
 fn check_len(field: &'static str, value: &str, limit: usize) -> StoreResult<()> {
-    let actual = value.chars().count();
-    if actual > limit {
+    if let Some(actual) = brokkr_crds::validation::length_over(value, limit) {
         return Err(StoreError::TooLong {
             field,
             limit,
