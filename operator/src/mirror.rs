@@ -11,22 +11,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::changes::FeedTiming;
+use crate::store::notify::{AGENTS_CHANNEL, STATUS_CHANNEL, status_agent, status_stack};
 use crate::store::{self, Store};
-
-pub const STATUS_CHANNEL: &str = "brokkr_status";
-pub const AGENTS_CHANNEL: &str = "brokkr_agents";
 
 /// Where refresh requests go: the Stack and Agent controllers' `reconcile_on` streams.
 #[derive(Clone)]
 pub struct Triggers {
     pub stacks: mpsc::Sender<ObjectRef<Stack>>,
     pub agents: mpsc::Sender<ObjectRef<Agent>>,
-}
-
-/// The Stack named `<namespace>/<name>` in the database.
-pub fn stack_ref(database_name: &str) -> Option<ObjectRef<Stack>> {
-    let (namespace, name) = database_name.split_once('/')?;
-    Some(ObjectRef::new(name).within(namespace))
 }
 
 /// Forwards notifications to the controllers until the process ends, reconnecting
@@ -71,13 +63,13 @@ async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_
             return Ok(());
         };
         let sent = match notification.channel() {
-            STATUS_CHANNEL => match stack_ref(notification.payload()) {
+            STATUS_CHANNEL => match status_stack(notification.payload()) {
                 Some(stack) => triggers.stacks.send(stack).await.is_ok(),
                 None => true,
             },
             _ => triggers
                 .agents
-                .send(ObjectRef::new(notification.payload()))
+                .send(status_agent(notification.payload()))
                 .await
                 .is_ok(),
         };
@@ -105,18 +97,5 @@ pub async fn sweep_offline(store: Store, interval: Duration, triggers: Triggers)
             }
             Err(err) => warn!(error = %err, "failed to mark silent agents Offline"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stack_names_map_to_their_resources() {
-        let stack = stack_ref("shop/web").unwrap();
-        assert_eq!(stack.name, "web");
-        assert_eq!(stack.namespace.as_deref(), Some("shop"));
-        assert!(stack_ref("no-namespace").is_none());
     }
 }

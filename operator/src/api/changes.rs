@@ -36,10 +36,9 @@ use super::auth::AuthCache;
 use super::views::{AgentView, DesiredViews};
 use crate::controllers::error_chain;
 use crate::metrics::FeedMetrics;
+pub use crate::store::notify::Change;
+use crate::store::notify::DESIRED_CHANNEL;
 use crate::store::{self, Store};
-
-pub const DESIRED_CHANNEL: &str = "brokkr_desired";
-pub const STATUS_CHANNEL: &str = "brokkr_status";
 
 /// How long an agent's authentication is trusted without a notification saying
 /// otherwise.
@@ -68,32 +67,6 @@ impl Default for FeedTiming {
             listener_check_interval: Duration::from_secs(10),
             listener_check_timeout: Duration::from_secs(5),
             view_revalidation_interval: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What may have changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// A stack has a new deployment object or deletion marker.
-    Stack(Uuid),
-    /// An agent's targets changed.
-    Agent(Uuid),
-    /// An agent's key, suspension or deletion changed.
-    Access(Uuid),
-    /// Unknown (notifications may have been missed): everyone re-checks.
-    All,
-}
-
-impl Change {
-    /// The change a notification names; `None` when its payload does not parse (it is
-    /// then ignored and counted: a stray `NOTIFY` must not flush every replica's views).
-    pub fn parse(payload: &str) -> Option<Change> {
-        match payload.split_once(':') {
-            Some(("s", id)) => Uuid::parse_str(id).ok().map(Change::Stack),
-            Some(("a", id)) => Uuid::parse_str(id).ok().map(Change::Agent),
-            Some(("k", id)) => Uuid::parse_str(id).ok().map(Change::Access),
-            _ => None,
         }
     }
 }
@@ -310,21 +283,5 @@ impl ChangeFeed {
             );
         }
         stale
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payloads_name_a_stack_or_an_agent() {
-        let id = Uuid::now_v7();
-        assert_eq!(Change::parse(&format!("s:{id}")), Some(Change::Stack(id)));
-        assert_eq!(Change::parse(&format!("a:{id}")), Some(Change::Agent(id)));
-        assert_eq!(Change::parse(&format!("k:{id}")), Some(Change::Access(id)));
-        assert_eq!(Change::parse("garbage"), None);
-        assert_eq!(Change::parse("s:not-a-uuid"), None);
-        assert_eq!(Change::parse(""), None);
     }
 }

@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod generators;
 mod metadata;
+pub mod notify;
 mod stacks;
 
 use std::str::FromStr;
