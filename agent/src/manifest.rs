@@ -1,8 +1,7 @@
 //! Deployment-object YAML as objects to apply: parsing, ordering, ownership labels and
 //! annotations, object identity, and the drift comparison. Pure functions only.
 
-use std::fmt;
-
+pub use brokkr_crds::identity::{ObjectKey, split_api_version};
 use brokkr_crds::{AGENT_LABEL, CHECKSUM_ANNOTATION, DEPLOYMENT_OBJECT_ANNOTATION, STACK_LABEL};
 use kube::api::GroupVersionKind;
 use serde::Deserialize;
@@ -114,11 +113,6 @@ impl Manifest {
             None => format!("{} {}", self.kind, self.name),
         }
     }
-}
-
-/// `apps/v1` → (`apps`, `v1`); `v1` → (``, `v1`).
-pub fn split_api_version(api_version: &str) -> (&str, &str) {
-    api_version.rsplit_once('/').unwrap_or(("", api_version))
 }
 
 /// Parses multi-document YAML. Empty documents are skipped; a `v1 List` is flattened into its
@@ -336,34 +330,10 @@ pub fn strip_pointers(object: &mut Value, pointers: &[String]) {
     }
 }
 
-/// Identity of an object in the cluster, version-independent.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    pub group: String,
-    pub kind: String,
-    /// `None` for cluster-scoped objects.
-    pub namespace: Option<String>,
-    pub name: String,
-}
-
-impl ObjectKey {
-    pub fn phase(&self) -> Phase {
-        Phase::of(&self.group, &self.kind)
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
-            None => write!(f, "{} {}", self.kind, self.name),
-        }
-    }
-}
-
 /// Sorts keys into delete order (ordinary objects, CRDs, Namespaces), then by key.
 pub fn sort_for_delete(keys: &mut [ObjectKey]) {
-    keys.sort_by(|a, b| (a.phase().delete_rank(), a).cmp(&(b.phase().delete_rank(), b)));
+    let rank = |key: &ObjectKey| Phase::of(&key.group, &key.kind).delete_rank();
+    keys.sort_by(|a, b| (rank(a), a).cmp(&(rank(b), b)));
 }
 
 /// Whether the live object still holds everything the agent applied: every field of

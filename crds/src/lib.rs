@@ -20,6 +20,7 @@ pub mod agent_target;
 pub mod conditions;
 mod crdgen;
 pub mod generator;
+pub mod identity;
 pub mod policy;
 mod schema;
 pub mod stack;
@@ -34,6 +35,7 @@ pub use crdgen::{
     CHART_CRDS_DIR, all_crds, crd_file_name, crds_yaml, rendered_crd_files, write_crd_files,
 };
 pub use generator::{Generator, GeneratorSpec, GeneratorStatus};
+pub use identity::ObjectKey;
 pub use policy::{DeletionPolicy, DriftPolicy, IgnoreDifference, StackPolicy};
 pub use stack::{
     AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS, Stack,

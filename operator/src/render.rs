@@ -9,6 +9,7 @@ use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::fmt;
 
+use brokkr_crds::identity::{ObjectKey, split_api_version};
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
@@ -310,16 +311,7 @@ fn render_documents(
     })
 }
 
-/// What makes two documents the same object in a cluster: the API group (not the
-/// version, which is only how it is spelled), kind, namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct ObjectKey {
-    group: String,
-    kind: String,
-    namespace: String,
-    name: String,
-}
-
+/// The document's identity in a cluster ([`ObjectKey`]: group, kind, namespace, name).
 fn object_key(document: usize, value: &Value) -> Result<ObjectKey, RenderError> {
     let object = value
         .as_object()
@@ -334,16 +326,14 @@ fn object_key(document: usize, value: &Value) -> Result<ObjectKey, RenderError> 
     let kind = text(object.get("kind"), "kind")?;
     let metadata = object.get("metadata");
     let name = text(metadata.and_then(|m| m.get("name")), "metadata.name")?;
+    // An empty namespace is no namespace, as the apiserver reads it.
     let namespace = metadata
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let group = api_version
-        .rsplit_once('/')
-        .map_or(String::new(), |(group, _)| group.to_owned());
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
     Ok(ObjectKey {
-        group,
+        group: split_api_version(&api_version).0.to_owned(),
         kind,
         namespace,
         name,
