@@ -97,14 +97,143 @@ impl HubError {
     }
 }
 
+/// The requests and answers of the hub's agent API for any agent: each request carries the
+/// key it is sent with. It keeps no state of its own, so one serves many agents (the bench's
+/// simulated fleet shares a few); [`HubClient`] adds one agent's key and the pauses the hub
+/// asks for. A `Retry-After` is read into [`HubError::Status`] but not acted on here.
+#[derive(Clone, Debug)]
+pub struct AgentApi {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl AgentApi {
+    /// `http` is the transport (its connection and TLS settings are the caller's); `base` is
+    /// the hub's URL, a trailing slash allowed.
+    pub fn new(http: reqwest::Client, base: &str) -> AgentApi {
+        AgentApi {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{API_PREFIX}/{path}", self.base)
+    }
+
+    /// The desired state; with `since`, waits up to `wait` for it to differ from that cursor.
+    pub async fn desired(
+        &self,
+        key: &str,
+        since: Option<&str>,
+        wait: Duration,
+    ) -> Result<DesiredState, HubError> {
+        let wait_seconds = wait.as_secs().min(MAX_WAIT_SECONDS);
+        let mut request = self
+            .http
+            .get(self.url("desired"))
+            .timeout(Duration::from_secs(wait_seconds) + REQUEST_SLACK);
+        if let Some(since) = since {
+            request = request.query(&[("since", since), ("wait", &wait_seconds.to_string())]);
+        }
+        send(Endpoint::Desired, key, request).await
+    }
+
+    pub async fn deployment_object(
+        &self,
+        key: &str,
+        id: Uuid,
+    ) -> Result<DeploymentObject, HubError> {
+        let request = self
+            .http
+            .get(self.url(&format!("deployment-objects/{id}")))
+            .timeout(REQUEST_SLACK);
+        send(Endpoint::DeploymentObject, key, request).await
+    }
+
+    pub async fn post_events(
+        &self,
+        key: &str,
+        batch: &EventBatch,
+    ) -> Result<EventBatchResult, HubError> {
+        let request = self
+            .http
+            .post(self.url("events"))
+            .timeout(REQUEST_SLACK)
+            .json(batch);
+        send(Endpoint::Events, key, request).await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        key: &str,
+        heartbeat: &Heartbeat,
+    ) -> Result<HeartbeatAck, HubError> {
+        let request = self
+            .http
+            .post(self.url("heartbeat"))
+            .timeout(REQUEST_SLACK)
+            .json(heartbeat);
+        send(Endpoint::Heartbeat, key, request).await
+    }
+}
+
+/// Sends `request` with `key`; a success decodes as `T`, an error status becomes
+/// [`HubError::Status`] with the hub's `{error, message}` and `Retry-After`.
+async fn send<T: DeserializeOwned>(
+    endpoint: Endpoint,
+    key: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<T, HubError> {
+    let endpoint = endpoint.as_str();
+    let response = request
+        .bearer_auth(key)
+        .send()
+        .await
+        .map_err(|source| HubError::Transport { endpoint, source })?;
+    let status = response.status();
+    if status.is_success() {
+        return response
+            .json::<T>()
+            .await
+            .map_err(|source| HubError::Decode { endpoint, source });
+    }
+    let retry_after = match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            retry_after(response.headers())
+        }
+        _ => None,
+    };
+    // A body that is not an ApiError (a proxy's HTML page, say) is not repeated: only its
+    // status counts.
+    let body = response.bytes().await.unwrap_or_default();
+    let (error, message) = match serde_json::from_slice::<ApiError>(&body) {
+        Ok(api) => (api.error, api.message),
+        Err(_) => (
+            status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_lowercase()
+                .replace(' ', "_"),
+            "no error details".to_owned(),
+        ),
+    };
+    Err(HubError::Status {
+        endpoint,
+        status,
+        error,
+        message,
+        retry_after,
+    })
+}
+
 /// A client of one hub, authenticating as one agent. Clones share the pauses the hub asked
 /// for with `Retry-After`: after one, the next request of that kind (desired state,
 /// deployment object, events or heartbeat) waits until it has passed, whichever task sends
 /// it.
 #[derive(Clone, Debug)]
 pub struct HubClient {
-    http: reqwest::Client,
-    base: String,
+    api: AgentApi,
     key: AgentKey,
     paused: Arc<Mutex<HashMap<Endpoint, tokio::time::Instant>>>,
 }
@@ -130,15 +259,15 @@ impl HubClient {
             .build()
             .map_err(|source| HubError::Build { source })?;
         Ok(HubClient {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
+            api: AgentApi::new(http, base),
             key,
             paused: Arc::default(),
         })
     }
 
+    #[cfg(test)]
     fn url(&self, path: &str) -> String {
-        format!("{}{API_PREFIX}/{path}", self.base)
+        self.api.url(path)
     }
 
     /// The desired state; with `since`, waits up to `wait` for it to differ from that cursor.
@@ -147,95 +276,43 @@ impl HubClient {
         since: Option<&str>,
         wait: Duration,
     ) -> Result<DesiredState, HubError> {
-        let wait_seconds = wait.as_secs().min(MAX_WAIT_SECONDS);
-        let mut request = self
-            .http
-            .get(self.url("desired"))
-            .timeout(Duration::from_secs(wait_seconds) + REQUEST_SLACK);
-        if let Some(since) = since {
-            request = request.query(&[("since", since), ("wait", &wait_seconds.to_string())]);
-        }
-        self.send(Endpoint::Desired, request).await
+        self.wait_if_paused(Endpoint::Desired).await;
+        let answer = self.api.desired(self.key.expose(), since, wait).await;
+        self.honour(Endpoint::Desired, answer)
     }
 
     pub async fn deployment_object(&self, id: Uuid) -> Result<DeploymentObject, HubError> {
-        let request = self
-            .http
-            .get(self.url(&format!("deployment-objects/{id}")))
-            .timeout(REQUEST_SLACK);
-        self.send(Endpoint::DeploymentObject, request).await
+        self.wait_if_paused(Endpoint::DeploymentObject).await;
+        let answer = self.api.deployment_object(self.key.expose(), id).await;
+        self.honour(Endpoint::DeploymentObject, answer)
     }
 
     pub async fn post_events(&self, batch: &EventBatch) -> Result<EventBatchResult, HubError> {
-        let request = self
-            .http
-            .post(self.url("events"))
-            .timeout(REQUEST_SLACK)
-            .json(batch);
-        self.send(Endpoint::Events, request).await
+        self.wait_if_paused(Endpoint::Events).await;
+        let answer = self.api.post_events(self.key.expose(), batch).await;
+        self.honour(Endpoint::Events, answer)
     }
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatAck, HubError> {
-        let request = self
-            .http
-            .post(self.url("heartbeat"))
-            .timeout(REQUEST_SLACK)
-            .json(heartbeat);
-        self.send(Endpoint::Heartbeat, request).await
+        self.wait_if_paused(Endpoint::Heartbeat).await;
+        let answer = self.api.heartbeat(self.key.expose(), heartbeat).await;
+        self.honour(Endpoint::Heartbeat, answer)
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        endpoint: Endpoint,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, HubError> {
-        self.wait_if_paused(endpoint).await;
-        let kind = endpoint;
-        let endpoint = endpoint.as_str();
-        let response = request
-            .bearer_auth(self.key.expose())
-            .send()
-            .await
-            .map_err(|source| HubError::Transport { endpoint, source })?;
-        let status = response.status();
-        if status.is_success() {
-            return response
-                .json::<T>()
-                .await
-                .map_err(|source| HubError::Decode { endpoint, source });
-        }
-        let retry_after = match status {
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                retry_after(response.headers())
-            }
-            _ => None,
-        };
-        if let Some(wait) = retry_after {
-            let wait = jittered(wait, rand::random::<f64>());
-            tracing::info!(endpoint, %status, wait = ?wait, "the hub asked to wait before the next request of this kind");
-            self.pause(kind, wait);
-        }
-        // A body that is not an ApiError (a proxy's HTML page, say) is not repeated: only its
-        // status counts.
-        let body = response.bytes().await.unwrap_or_default();
-        let (error, message) = match serde_json::from_slice::<ApiError>(&body) {
-            Ok(api) => (api.error, api.message),
-            Err(_) => (
-                status
-                    .canonical_reason()
-                    .unwrap_or("error")
-                    .to_lowercase()
-                    .replace(' ', "_"),
-                "no error details".to_owned(),
-            ),
-        };
-        Err(HubError::Status {
-            endpoint,
+    /// Holds the next request of `endpoint`'s kind back when the hub answered with a
+    /// `Retry-After` (plus jitter).
+    fn honour<T>(&self, endpoint: Endpoint, answer: Result<T, HubError>) -> Result<T, HubError> {
+        if let Err(HubError::Status {
             status,
-            error,
-            message,
-            retry_after,
-        })
+            retry_after: Some(wait),
+            ..
+        }) = &answer
+        {
+            let wait = jittered(*wait, rand::random::<f64>());
+            tracing::info!(endpoint = endpoint.as_str(), %status, wait = ?wait, "the hub asked to wait before the next request of this kind");
+            self.pause(endpoint, wait);
+        }
+        answer
     }
 
     fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<Endpoint, tokio::time::Instant>> {

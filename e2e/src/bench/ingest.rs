@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use brokkr_agent::hub::AgentApi;
 use brokkr_crds::wire::{AgentEvent, EventBatch, EventStatus, EventType, Health, health_message};
 use brokkr_operator::store::Store;
 use brokkr_testdb::TestDb;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use super::procfs::Monitor;
 use super::report::Row;
 use super::seed::{Seed, SeededAgent};
-use super::sim::HubClient;
+use super::sim::hub_client;
 use super::stats::Summary;
 use super::{Bench, BenchError, During};
 
@@ -56,7 +57,7 @@ async fn measure(
     let mut posters_running = tokio::task::JoinSet::new();
     for agent in seed.agents.clone() {
         posters_running.spawn(post_until(
-            HubClient::new(&hub.url()),
+            hub_client(&hub.url()),
             agent,
             objects.to_vec(),
             batch,
@@ -88,7 +89,7 @@ async fn measure(
 
 /// One agent posting batches back to back until `deadline`; the latency of each POST.
 async fn post_until(
-    hub: HubClient,
+    hub: AgentApi,
     agent: SeededAgent,
     objects: Vec<Uuid>,
     batch: usize,
@@ -123,7 +124,7 @@ async fn post_until(
             })
             .collect();
         let started = Instant::now();
-        match hub.events(&agent.key, &EventBatch { events }).await {
+        match hub.post_events(&agent.key, &EventBatch { events }).await {
             Ok(result) => {
                 latencies.push(started.elapsed());
                 accepted.fetch_add(result.accepted, Ordering::Relaxed);

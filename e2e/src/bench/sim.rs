@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use brokkr_agent::hub::AgentApi;
 use brokkr_common::backoff;
-use brokkr_crds::wire::{
-    API_PREFIX, DeploymentObject, DesiredState, EventBatch, EventBatchResult, Health, Heartbeat,
-    HeartbeatAck, MAX_WAIT_SECONDS, StackSummary,
-};
+use brokkr_crds::wire::{DesiredState, Health, Heartbeat, MAX_WAIT_SECONDS, StackSummary};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -26,109 +24,25 @@ const CLIENTS: usize = 4;
 /// 20,000 open files a process may have here. Heartbeats wait only when the hub is
 /// already too slow to answer 2,000 of them at once.
 pub const MAX_HEARTBEATS_IN_FLIGHT: usize = 2000;
-/// Deadline of a request, beyond a long-poll's own wait.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed request before the agent tries again: the real agent's policy,
 /// 1 s doubling to 60 s, half of it random.
 fn retry_after(failures: u32) -> Duration {
     backoff::AGENT_HUB.jittered(failures)
 }
 
-/// The agent API of one hub.
-#[derive(Clone)]
-pub struct HubClient {
-    base: Arc<str>,
-    http: reqwest::Client,
-}
-
-impl HubClient {
-    /// `base` is the hub's URL, e.g. `http://127.0.0.1:8080`.
-    pub fn new(base: &str) -> HubClient {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .http1_only()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("a plain-HTTP client always builds");
-        HubClient {
-            base: format!("{}{API_PREFIX}", base.trim_end_matches('/')).into(),
-            http,
-        }
-    }
-
-    pub async fn desired(
-        &self,
-        key: &str,
-        since: Option<&str>,
-        wait_seconds: u64,
-    ) -> Result<DesiredState, reqwest::Error> {
-        // Cursors are `<sequence>.<hex>`: nothing in them needs escaping.
-        let url = match since {
-            Some(cursor) => format!("{}/desired?since={cursor}&wait={wait_seconds}", self.base),
-            None => format!("{}/desired?wait={wait_seconds}", self.base),
-        };
-        self.http
-            .get(url)
-            .bearer_auth(key)
-            .timeout(REQUEST_TIMEOUT + Duration::from_secs(wait_seconds))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await
-    }
-
-    pub async fn deployment_object(
-        &self,
-        key: &str,
-        id: Uuid,
-    ) -> Result<DeploymentObject, reqwest::Error> {
-        self.http
-            .get(format!("{}/deployment-objects/{id}", self.base))
-            .bearer_auth(key)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await
-    }
-
-    pub async fn events(
-        &self,
-        key: &str,
-        batch: &EventBatch,
-    ) -> Result<EventBatchResult, reqwest::Error> {
-        self.http
-            .post(format!("{}/events", self.base))
-            .bearer_auth(key)
-            .timeout(REQUEST_TIMEOUT)
-            .json(batch)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await
-    }
-
-    pub async fn heartbeat(
-        &self,
-        key: &str,
-        beat: &Heartbeat,
-    ) -> Result<HeartbeatAck, reqwest::Error> {
-        self.http
-            .post(format!("{}/heartbeat", self.base))
-            .bearer_auth(key)
-            .timeout(REQUEST_TIMEOUT)
-            .json(beat)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await
-    }
+/// The agent's own client of the hub's agent API, over the bench's transport: plain
+/// HTTP/1.1 keep-alive, no proxy, shared by many simulated agents (each request carries its
+/// agent's key). `base` is the hub's URL, e.g. `http://127.0.0.1:8080`.
+pub fn hub_client(base: &str) -> AgentApi {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .expect("a plain-HTTP client always builds");
+    AgentApi::new(http, base)
 }
 
 /// How agents learn about new desired states.
@@ -209,7 +123,7 @@ pub struct Delivery {
 
 impl Fleet {
     pub fn start(hub_url: &str, agents: &[SeededAgent], config: FleetConfig) -> Fleet {
-        let clients: Vec<HubClient> = (0..CLIENTS).map(|_| HubClient::new(hub_url)).collect();
+        let clients: Vec<AgentApi> = (0..CLIENTS).map(|_| hub_client(hub_url)).collect();
         let (sender, holds) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
         let in_flight = Arc::new(Semaphore::new(MAX_HEARTBEATS_IN_FLIGHT));
@@ -304,7 +218,7 @@ impl Fleet {
 struct SimAgent {
     index: usize,
     key: Arc<str>,
-    hub: HubClient,
+    hub: AgentApi,
     config: FleetConfig,
     holds: mpsc::UnboundedSender<Hold>,
     counters: Arc<Counters>,
@@ -327,7 +241,10 @@ impl SimAgent {
                 Mode::Poll(_) => 0,
             };
             let asked = Instant::now();
-            let desired = self.hub.desired(&self.key, cursor.as_deref(), wait).await;
+            let desired = self
+                .hub
+                .desired(&self.key, cursor.as_deref(), Duration::from_secs(wait))
+                .await;
             let answered = Instant::now();
             self.counters.desired.fetch_add(1, Ordering::Relaxed);
             match desired {
@@ -409,7 +326,7 @@ impl SimAgent {
 
 /// An agent's heartbeats: every `every`, from a random phase on.
 async fn heartbeats(
-    hub: HubClient,
+    hub: AgentApi,
     key: Arc<str>,
     every: Duration,
     in_flight: Arc<Semaphore>,
