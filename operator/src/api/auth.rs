@@ -4,13 +4,13 @@
 //! The change feed drops an agent's entry when its key, suspension or deletion changes
 //! (on any replica), so the TTL only bounds how long a missed notification can matter.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use moka::sync::Cache;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -32,26 +32,21 @@ struct CachedAgent {
     pak_hash: String,
     suspended: bool,
     deleted: bool,
-    fetched: Instant,
 }
 
 /// Recently looked-up agents by key prefix.
 pub struct AuthCache {
-    ttl: Duration,
-    inner: Mutex<Entries>,
+    by_prefix: Cache<String, CachedAgent>,
+    /// Prefixes no agent had when looked up.
+    unknown: Cache<String, ()>,
+    /// Counts invalidations: a row read before one is not cached. Held while an entry
+    /// is put and while entries are dropped, so the two never interleave.
+    generation: Mutex<u64>,
 }
 
-#[derive(Default)]
-struct Entries {
-    /// Counts invalidations: a row read before one is not cached.
-    generation: u64,
-    by_prefix: HashMap<String, CachedAgent>,
-    /// Prefixes no agent had when looked up, and when.
-    unknown: HashMap<String, Instant>,
-}
-
-/// Beyond this many cached prefixes the cache starts over, bounding its memory.
-const MAX_CACHED: usize = 100_000;
+/// Beyond this many cached prefixes the least recently used are dropped, bounding the
+/// cache's memory.
+const MAX_CACHED: u64 = 100_000;
 
 /// How long a prefix no agent had is answered 401 without a query. Any change of an
 /// agent's key also drops these entries, so a new key works at once.
@@ -63,72 +58,72 @@ const MAX_CONCURRENT_LOOKUPS: usize = 8;
 impl AuthCache {
     pub fn new(ttl: Duration) -> AuthCache {
         AuthCache {
-            ttl,
-            inner: Mutex::new(Entries::default()),
+            by_prefix: Cache::builder()
+                .max_capacity(MAX_CACHED)
+                .time_to_live(ttl)
+                .support_invalidation_closures()
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(MAX_CACHED)
+                .time_to_live(UNKNOWN_TTL)
+                .build(),
+            generation: Mutex::new(0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Entries> {
-        super::lock(&self.inner)
+    fn lock(&self) -> MutexGuard<'_, u64> {
+        super::lock(&self.generation)
     }
 
     fn get(&self, prefix: &str) -> Option<CachedAgent> {
-        self.lock()
-            .by_prefix
-            .get(prefix)
-            .filter(|cached| cached.fetched.elapsed() < self.ttl)
-            .cloned()
+        self.by_prefix.get(prefix)
     }
 
     /// Stamp to pass to `put`; take it before reading the row.
     fn generation(&self) -> u64 {
-        self.lock().generation
+        *self.lock()
     }
 
     fn put(&self, prefix: &str, agent: CachedAgent, read_at_generation: u64) {
-        let mut entries = self.lock();
-        if entries.generation != read_at_generation {
-            return;
+        let generation = self.lock();
+        if *generation == read_at_generation {
+            self.by_prefix.insert(prefix.to_owned(), agent);
         }
-        if entries.by_prefix.len() >= MAX_CACHED {
-            entries.by_prefix.clear();
-        }
-        entries.by_prefix.insert(prefix.to_owned(), agent);
     }
 
     /// Whether `prefix` was recently looked up and found no agent.
     fn is_unknown(&self, prefix: &str) -> bool {
-        self.lock()
-            .unknown
-            .get(prefix)
-            .is_some_and(|at| at.elapsed() < UNKNOWN_TTL)
+        self.unknown.contains_key(prefix)
     }
 
     fn put_unknown(&self, prefix: &str, read_at_generation: u64) {
-        let mut entries = self.lock();
-        if entries.generation != read_at_generation {
-            return;
+        let generation = self.lock();
+        if *generation == read_at_generation {
+            self.unknown.insert(prefix.to_owned(), ());
         }
-        if entries.unknown.len() >= MAX_CACHED {
-            entries.unknown.clear();
-        }
-        entries.unknown.insert(prefix.to_owned(), Instant::now());
     }
 
     /// Drops whatever is cached for `agent_id`, under any prefix.
     pub fn forget_agent(&self, agent_id: Uuid) {
-        let mut entries = self.lock();
-        entries.generation += 1;
-        entries.by_prefix.retain(|_, cached| cached.id != agent_id);
+        let mut generation = self.lock();
+        *generation += 1;
+        // Only fails when the cache was built without invalidation closures.
+        if self
+            .by_prefix
+            .invalidate_entries_if(move |_, cached| cached.id == agent_id)
+            .is_err()
+        {
+            self.by_prefix.invalidate_all();
+        }
         // The change may be a new key, whose prefix was unknown until now.
-        entries.unknown.clear();
+        self.unknown.invalidate_all();
     }
 
     pub fn forget_all(&self) {
-        let mut entries = self.lock();
-        entries.generation += 1;
-        entries.by_prefix.clear();
-        entries.unknown.clear();
+        let mut generation = self.lock();
+        *generation += 1;
+        self.by_prefix.invalidate_all();
+        self.unknown.invalidate_all();
     }
 }
 
@@ -229,7 +224,6 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
         pak_hash: row.pak_hash.unwrap_or_default(),
         suspended: row.is_suspended,
         deleted: row.deleted_at.is_some(),
-        fetched: Instant::now(),
     };
     auth.put(prefix, agent.clone(), generation);
     Ok(agent)
@@ -249,5 +243,41 @@ impl AuthLimits {
             unknown_keys: UnknownKeyLimiter::new(unknown_key_rate),
             lookups: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: Uuid, hash: &str) -> CachedAgent {
+        CachedAgent {
+            id,
+            name: "edge".into(),
+            pak_hash: hash.into(),
+            suspended: false,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn a_row_read_before_an_invalidation_is_not_cached() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        let id = Uuid::now_v7();
+        let stale = cache.generation();
+        cache.forget_agent(id);
+        cache.put("old", agent(id, "old-hash"), stale);
+        cache.put_unknown("new", stale);
+        assert!(cache.get("old").is_none(), "a stale row");
+        assert!(!cache.is_unknown("new"), "a stale miss");
+
+        let fresh = cache.generation();
+        cache.put("old", agent(id, "old-hash"), fresh);
+        cache.put_unknown("new", fresh);
+        assert!(cache.get("old").is_some());
+        assert!(cache.is_unknown("new"));
+        cache.forget_agent(id);
+        assert!(cache.get("old").is_none(), "dropped with its agent");
+        assert!(!cache.is_unknown("new"), "a new key works at once");
     }
 }

@@ -292,7 +292,12 @@ async fn deployment_object(
     let object = state
         .objects
         .get_or_load(id, || load_object(&state.store, id))
-        .await?
+        .await
+        .map_err(|err| match Arc::try_unwrap(err) {
+            Ok(err) => ApiError::from(err),
+            // Shared by the requests that waited for one load: the database failed.
+            Err(shared) => ApiError::Unavailable(Box::new(shared)),
+        })?
         .ok_or_else(not_targeted)?;
     let targeted = state.changes.views().holds(agent.id, object.stack_id)
         || state.store.is_targeted(agent.id, object.stack_id).await?;

@@ -5,12 +5,12 @@
 //! herd of 10,000 agents fetching a 16 KiB object held 10,000 copies of the row and of
 //! its JSON at once. Concurrent first requests for an object wait for one load.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use axum::body::Bytes;
-use tokio::sync::OnceCell;
+use moka::future::Cache;
+use moka::policy::EvictionPolicy;
 use uuid::Uuid;
 
 /// A deployment object as the API answers it.
@@ -21,91 +21,74 @@ pub struct CachedObject {
     pub body: Bytes,
 }
 
-type Cell = Arc<OnceCell<CachedObject>>;
-
-#[derive(Default)]
-struct Objects {
-    cells: HashMap<Uuid, Cell>,
-    /// Loaded ids, oldest first: evicted in that order.
-    loaded: VecDeque<Uuid>,
-    bytes: usize,
+/// Deployment objects by id, bounded by the bytes of their bodies; the least recently
+/// used go first.
+pub struct ObjectCache {
+    objects: Cache<Uuid, CachedObject>,
 }
 
-pub struct ObjectCache {
-    max_bytes: usize,
-    inner: Mutex<Objects>,
+/// Why a load left nothing in the cache.
+enum Unloaded<E> {
+    Missing,
+    Failed(Arc<E>),
 }
 
 impl ObjectCache {
     pub fn new(max_bytes: usize) -> ObjectCache {
-        ObjectCache {
-            max_bytes,
-            inner: Mutex::new(Objects::default()),
-        }
+        let objects = Cache::builder()
+            .max_capacity(u64::try_from(max_bytes).unwrap_or(u64::MAX))
+            .weigher(|_: &Uuid, object: &CachedObject| {
+                u32::try_from(object.body.len()).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(EvictionPolicy::lru())
+            .build();
+        ObjectCache { objects }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Objects> {
-        super::lock(&self.inner)
-    }
-
-    /// The object `id`, from the cache or from `load` (run by one caller at a time).
-    /// `None` when `load` finds nothing, which is not cached: a later request asks again.
-    pub async fn get_or_load<F, Fut, E>(&self, id: Uuid, load: F) -> Result<Option<CachedObject>, E>
+    /// The object `id`, from the cache or from `load` (run once for concurrent callers,
+    /// who all get its result). `None` when `load` finds nothing, which is not cached: a
+    /// later request asks again. A failed load is not cached either.
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        id: Uuid,
+        load: F,
+    ) -> Result<Option<CachedObject>, Arc<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<CachedObject>, E>>,
+        E: Send + Sync + 'static,
     {
-        enum Unloaded<E> {
-            Missing,
-            Failed(E),
-        }
-        let cell = self.lock().cells.entry(id).or_default().clone();
         let mut loaded_here = false;
-        let loaded = cell
-            .get_or_try_init(|| async {
-                let object = load().await.map_err(Unloaded::Failed)?;
-                loaded_here = object.is_some();
-                object.ok_or(Unloaded::Missing)
+        let loaded = self
+            .objects
+            .try_get_with(id, async {
+                match load().await {
+                    Ok(Some(object)) => {
+                        loaded_here = true;
+                        Ok(object)
+                    }
+                    Ok(None) => Err(Unloaded::Missing),
+                    Err(err) => Err(Unloaded::Failed(Arc::new(err))),
+                }
             })
-            .await
-            .cloned();
-        match loaded {
-            Ok(object) => {
-                if loaded_here {
-                    self.admit(id, object.body.len());
-                }
-                Ok(Some(object))
-            }
-            Err(unloaded) => {
-                let mut objects = self.lock();
-                if objects.cells.get(&id).is_some_and(|c| !c.initialized()) {
-                    objects.cells.remove(&id);
-                }
-                match unloaded {
-                    Unloaded::Missing => Ok(None),
-                    Unloaded::Failed(err) => Err(err),
-                }
-            }
+            .await;
+        if loaded_here {
+            // Evict now rather than on a later request, so the bound holds at once.
+            self.objects.run_pending_tasks().await;
         }
-    }
-
-    fn admit(&self, id: Uuid, size: usize) {
-        let mut objects = self.lock();
-        objects.loaded.push_back(id);
-        objects.bytes += size;
-        while objects.bytes > self.max_bytes {
-            let Some(oldest) = objects.loaded.pop_front() else {
-                break;
-            };
-            if let Some(cell) = objects.cells.remove(&oldest) {
-                objects.bytes -= cell.get().map_or(0, |o| o.body.len());
-            }
+        match loaded {
+            Ok(object) => Ok(Some(object)),
+            // Every caller that waited for the load gets its outcome.
+            Err(unloaded) => match &*unloaded {
+                Unloaded::Missing => Ok(None),
+                Unloaded::Failed(err) => Err(err.clone()),
+            },
         }
     }
 
     #[cfg(test)]
     fn cached_bytes(&self) -> usize {
-        self.lock().bytes
+        usize::try_from(self.objects.weighted_size()).unwrap_or(usize::MAX)
     }
 }
 
