@@ -58,4 +58,3 @@ pub mod reporter;
 
 pub use agent::{AgentError, AgentHandle, run, start};
 pub use config::{AGENT_KEY_ENV, AgentKey, Args, Config, ConfigError};
-

@@ -1,15 +1,15 @@
 //! Brokkr's hub: the database entities and store, the controllers that mirror custom
 //! resources into it, the agent API, and the status mirror.
 
+pub mod api;
 pub mod config;
 pub mod controllers;
 pub mod entity;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod mirror;
 pub mod render;
 pub mod run;
 pub mod status;
 pub mod store;
-pub mod api;
-pub mod mirror;

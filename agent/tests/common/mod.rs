@@ -14,9 +14,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use brokkr_common::Backoff;
 use brokkr_agent::inventory::{self, Inventory};
 use brokkr_agent::{AgentHandle, AgentKey, Config};
+use brokkr_common::Backoff;
 use brokkr_crds::StackPolicy;
 use brokkr_crds::wire::{
     API_PREFIX, AgentEvent, ApiError, DeploymentObject, DesiredStack, DesiredState, EventBatch,
