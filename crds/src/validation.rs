@@ -127,10 +127,8 @@ pub(crate) fn validate_storable(
     field: impl FnOnce() -> String,
     value: &str,
 ) -> Result<(), SpecError> {
-    if value.contains('\0') {
-        return Err(SpecError::NulCharacter { field: field() });
-    }
-    Ok(())
+    crate::wire::check_storable(field, value)
+        .map_err(|err| SpecError::NulCharacter { field: err.field })
 }
 
 /// Checks `spec.annotations` against the limits the schema also states.

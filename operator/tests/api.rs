@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
 
+mod common;
+use common::agent_with_key;
+
 struct Fixture {
     _db: TestDb,
     store: Store,
@@ -33,32 +36,6 @@ struct Fixture {
     key: String,
     /// The proxy the change feed listens through, if any.
     proxy: Option<FreezingProxy>,
-}
-
-async fn agent_with_key(store: &Store, name: &str) -> (Uuid, String) {
-    let agent = store
-        .sync_agent(&AgentSync {
-            resource_uid: Uuid::new_v4(),
-            name,
-            cluster_name: "edge",
-            is_suspended: false,
-            labels: &[],
-            annotations: &BTreeMap::new(),
-        })
-        .await
-        .unwrap();
-    let issued = issue_key();
-    store
-        .set_agent_key(
-            agent.id,
-            &AgentKey {
-                prefix: issued.prefix.clone(),
-                hash: issued.hash.clone(),
-            },
-        )
-        .await
-        .unwrap();
-    (agent.id, issued.key)
 }
 
 fn content(yaml: &str) -> (String, String) {

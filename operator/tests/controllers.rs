@@ -763,36 +763,35 @@ async fn stack_shop_targeted_at_a_silent_agent(
     (agent, stack_row)
 }
 
+/// Waits until the deleted Stack `shop` is gone; the note of its DeletionTimedOut event.
+async fn released_after_the_timeout(hub: &Hub, within: Duration) -> String {
+    let api = hub.api::<Stack>();
+    eventually_within(within, "released after the timeout", || async {
+        api.get_opt("shop")
+            .await
+            .ok()
+            .and_then(|s| s.is_none().then_some(()))
+    })
+    .await;
+    eventually("DeletionTimedOut event", || async {
+        hub.warning_events_for("shop")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
+            .and_then(|e| e.note)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_deleted_stack_is_released_after_the_deletion_timeout_with_an_event() {
     let hub = Hub::start_with(Duration::from_secs(2), Duration::from_millis(500)).await;
     let (agent, _) = stack_shop_targeted_at_a_silent_agent(&hub).await;
-    let api = hub.api::<Stack>();
-    api.delete("shop", &DeleteParams::default()).await.unwrap();
-    eventually_within(
-        Duration::from_secs(20),
-        "released after the timeout",
-        || async {
-            api.get_opt("shop")
-                .await
-                .ok()
-                .and_then(|s| s.is_none().then_some(()))
-        },
-    )
-    .await;
-    let events = eventually("DeletionTimedOut event", || async {
-        let events = hub.warning_events_for("shop").await;
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
-            .then_some(events)
-    })
-    .await;
-    let note = events
-        .iter()
-        .find(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
-        .and_then(|e| e.note.clone())
-        .unwrap_or_default();
+    hub.api::<Stack>()
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    let note = released_after_the_timeout(&hub, Duration::from_secs(20)).await;
     assert!(
         note.contains(&agent.name_any()),
         "names who never reported: {note}"
@@ -811,25 +810,7 @@ async fn a_deleted_stack_is_released_after_the_timeout_even_while_postgresql_is_
     // Before the timeout, the finalizer holds.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(api.get_opt("shop").await.unwrap().is_some());
-    eventually_within(
-        Duration::from_secs(30),
-        "released after the timeout without the database",
-        || async {
-            api.get_opt("shop")
-                .await
-                .ok()
-                .and_then(|s| s.is_none().then_some(()))
-        },
-    )
-    .await;
-    let note = eventually("DeletionTimedOut event", || async {
-        hub.warning_events_for("shop")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("DeletionTimedOut"))
-            .and_then(|e| e.note)
-    })
-    .await;
+    let note = released_after_the_timeout(&hub, Duration::from_secs(30)).await;
     assert!(
         note.contains("without knowing which agents removed it"),
         "says why: {note}"

@@ -22,6 +22,9 @@ use tokio::net::TcpStream;
 use tower::ServiceExt;
 use uuid::Uuid;
 
+mod common;
+use common::agent_with_key;
+
 struct Fixture {
     _db: TestDb,
     store: Store,
@@ -30,39 +33,13 @@ struct Fixture {
     key: String,
 }
 
-async fn agent_with_key(store: &Store, name: &str) -> String {
-    let agent = store
-        .sync_agent(&AgentSync {
-            resource_uid: Uuid::new_v4(),
-            name,
-            cluster_name: "edge",
-            is_suspended: false,
-            labels: &[],
-            annotations: &BTreeMap::new(),
-        })
-        .await
-        .unwrap();
-    let issued = issue_key();
-    store
-        .set_agent_key(
-            agent.id,
-            &AgentKey {
-                prefix: issued.prefix.clone(),
-                hash: issued.hash.clone(),
-            },
-        )
-        .await
-        .unwrap();
-    issued.key
-}
-
 impl Fixture {
     async fn new(config: ApiConfig) -> Fixture {
         let db = TestDb::new().await;
         let store = Store::new(db.conn().clone());
         let changes = ChangeFeed::default();
         tokio::spawn(changes.clone().listen(db.url().to_owned(), store.clone()));
-        let key = agent_with_key(&store, "edge-1").await;
+        let (_, key) = agent_with_key(&store, "edge-1").await;
         let metrics = Metrics::default();
         let app = api::app(
             ApiState::new(store.clone(), changes, config).with_metrics(metrics.api.clone()),
@@ -364,7 +341,7 @@ async fn one_key_over_its_rate_gets_429_with_retry_after_while_another_key_is_se
         ..ApiConfig::default()
     })
     .await;
-    let other = agent_with_key(&f.store, "edge-2").await;
+    let (_, other) = agent_with_key(&f.store, "edge-2").await;
     let uri = "/api/v1/agent/desired";
 
     // Someone knowing the public prefix, without the secret, cannot spend the budget.
@@ -594,7 +571,7 @@ async fn with_the_default_limits_a_busy_fleet_is_never_limited_or_cut() {
     let cursor = f.cursor().await;
     let mut keys = vec![f.key.clone()];
     for i in 1..40 {
-        keys.push(agent_with_key(&f.store, &format!("fleet-{i}")).await);
+        keys.push(agent_with_key(&f.store, &format!("fleet-{i}")).await.1);
     }
     // Each agent long-polls and sends a heartbeat every 250 ms: sixty times the heartbeats of
     // the default 15 s interval.

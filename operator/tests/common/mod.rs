@@ -320,3 +320,30 @@ impl Hub {
             .unwrap_or_default()
     }
 }
+
+/// A live agent row with a freshly issued key; its id and the key.
+pub async fn agent_with_key(store: &Store, name: &str) -> (uuid::Uuid, String) {
+    let agent = store
+        .sync_agent(&brokkr_operator::store::AgentSync {
+            resource_uid: uuid::Uuid::new_v4(),
+            name,
+            cluster_name: "edge",
+            is_suspended: false,
+            labels: &[],
+            annotations: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let issued = brokkr_operator::keys::issue_key();
+    store
+        .set_agent_key(
+            agent.id,
+            &brokkr_operator::store::AgentKey {
+                prefix: issued.prefix.clone(),
+                hash: issued.hash.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    (agent.id, issued.key)
+}
