@@ -7,6 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{KeyPolicy, KeyStatus, TargetableFrom};
 use crate::validation::{CLUSTER_NAME_MAX_LEN, SpecError, validate_annotations, validate_name};
 
 /// Registration of one spoke cluster's brokkr-agent. The operator creates the agent's key
@@ -69,14 +70,34 @@ pub struct AgentSpec {
     /// stays in place. Defaults to false.
     #[serde(default)]
     pub suspend: bool,
+
+    /// Which hub namespaces' AgentTargets may deliver to this agent. Without it, only
+    /// AgentTargets in the operator's own namespace may; an AgentTarget elsewhere that
+    /// selects this Agent is refused for it (`Ready=False`, reason `NotPermitted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targetable_from: Option<TargetableFrom>,
+
+    /// How long the agent's key lives and how long a replaced key stays valid. The agent
+    /// renews its key by itself when 2/3 of the lifetime has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_policy: Option<KeyPolicy>,
 }
 
 impl AgentSpec {
-    /// Checks the rules the CRD states: a cluster name of 1 to 255 characters and the
-    /// annotation limits.
+    /// Checks the rules the CRD states: a cluster name of 1 to 255 characters, the
+    /// annotation limits, a valid namespace selector and key durations.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_name("spec.clusterName", &self.cluster_name, CLUSTER_NAME_MAX_LEN)?;
-        validate_annotations(&self.annotations)
+        validate_annotations(&self.annotations)?;
+        if let Some(from) = &self.targetable_from {
+            from.validate()?;
+        }
+        self.key_policy().validate()
+    }
+
+    /// The key policy, defaulted.
+    pub fn key_policy(&self) -> KeyPolicy {
+        self.key_policy.clone().unwrap_or_default()
     }
 }
 
@@ -118,6 +139,10 @@ pub struct AgentStatus {
     /// The Secret holding the agent's key (data key chosen by the operator and the agent chart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<SecretRef>,
+
+    /// The agent's current key: prefix, issue and expiry times (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyStatus>,
 }
 
 /// Where an agent is in its life.

@@ -140,7 +140,8 @@ pub struct AgentTargetStatus {
 
     /// Standard conditions. `Ready` is True (reason `Matched`) when the Stack exists and
     /// at least one agent is selected; otherwise False with reason `StackNotFound`,
-    /// `NoAgentsMatched` or `AgentNotFound`.
+    /// `NoAgentsMatched`, `AgentNotFound` or `NotPermitted` (a selected Agent does not
+    /// accept targets from this namespace: see the Agent's `spec.targetableFrom`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
@@ -152,6 +153,11 @@ pub struct AgentTargetStatus {
     /// Names of the selected agents, sorted, at most the first 50; `matchedAgents` counts them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agent_names: Vec<String>,
+
+    /// Names of the agents this AgentTarget selects but may not deliver to (their
+    /// `spec.targetableFrom` does not admit this namespace), sorted, at most the first 50.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_agents: Vec<String>,
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub mod types {
     /// Stack: at least one targeted agent reports drift it did not correct
     /// (`driftPolicy: Detect`).
     pub const DRIFTED: &str = "Drifted";
+    /// Agent and Generator: less than 10 % of the current key's lifetime is left.
+    pub const KEY_EXPIRING: &str = "KeyExpiring";
 }
 
 /// Condition reasons (CamelCase, as Kubernetes expects).
@@ -85,6 +87,8 @@ pub mod reasons {
     pub const AGENT_NOT_FOUND: &str = "AgentNotFound";
     /// At least one agent matched and is targeted.
     pub const MATCHED: &str = "Matched";
+    /// A selected Agent does not accept targets from the AgentTarget's namespace.
+    pub const NOT_PERMITTED: &str = "NotPermitted";
 
     // Agent.
     /// The agent sent a heartbeat recently.
@@ -93,6 +97,14 @@ pub mod reasons {
     pub const HEARTBEAT_MISSED: &str = "HeartbeatMissed";
     /// The agent never sent a heartbeat.
     pub const NEVER_CONNECTED: &str = "NeverConnected";
+
+    // Agent and Generator keys.
+    /// Less than 10 % of the key's lifetime is left (`KeyExpiring=True`).
+    pub const KEY_EXPIRES_SOON: &str = "KeyExpiresSoon";
+    /// The key has most of its lifetime left (`KeyExpiring=False`).
+    pub const KEY_VALID: &str = "KeyValid";
+    /// The key expired before it was rotated.
+    pub const KEY_EXPIRED: &str = "KeyExpired";
 }
 
 /// Builds a condition. `now` is passed in so callers (and tests) own the clock.

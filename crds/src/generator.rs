@@ -5,6 +5,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{KeyPolicy, KeyStatus};
+use crate::validation::SpecError;
+
 /// Settings of a Generator: a source of Stacks. The operator creates an API key for each
 /// Generator and stores it in the Secret named in `status.apiKeySecret`.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -48,6 +51,22 @@ pub struct GeneratorSpec {
     /// Generator's Stacks; what agents already applied stays in place. Defaults to false.
     #[serde(default)]
     pub suspend: bool,
+
+    /// How long the Generator's API key lives and how long a replaced key stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_policy: Option<KeyPolicy>,
+}
+
+impl GeneratorSpec {
+    /// Checks the key durations.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        self.key_policy().validate()
+    }
+
+    /// The key policy, defaulted.
+    pub fn key_policy(&self) -> KeyPolicy {
+        self.key_policy.clone().unwrap_or_default()
+    }
 }
 
 /// Observed state of a Generator, written by the operator.
@@ -79,6 +98,10 @@ pub struct GeneratorStatus {
     /// Name of the Secret, in the Generator's namespace, that holds its API key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<String>,
+
+    /// The Generator's current API key: prefix, issue and expiry times (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<KeyStatus>,
 }
 
 #[cfg(test)]

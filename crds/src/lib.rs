@@ -15,6 +15,7 @@
 //! `kubectl explain` prints, so they are written for users. Notes for developers
 //! are `//` comments.
 
+pub mod access;
 pub mod agent;
 pub mod agent_target;
 pub mod conditions;
@@ -27,6 +28,7 @@ pub mod stack;
 pub mod validation;
 pub mod wire;
 
+pub use access::{KeyPolicy, KeyStatus, REVOKE_KEY_ANNOTATION, TargetableFrom};
 pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus, SecretRef};
 pub use agent_target::{
     AgentTarget, AgentTargetSpec, AgentTargetStatus, MAX_AGENT_NAMES_IN_STATUS, StackRef,

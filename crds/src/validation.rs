@@ -118,6 +118,8 @@ pub enum SpecError {
         max = ANNOTATION_VALUE_MAX_LEN
     )]
     AnnotationValueTooLong { key: String, len: usize },
+    #[error("{field} is invalid: {reason}")]
+    Invalid { field: String, reason: String },
     #[error("{field} contains a NUL character (\\u0000), which cannot be stored")]
     NulCharacter { field: String },
 }

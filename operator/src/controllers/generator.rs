@@ -90,6 +90,7 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         stacks: i32::try_from(stacks).unwrap_or(i32::MAX),
         active: row.is_active,
         api_key_secret: Some(secret),
+        api_key: previous.api_key.clone(),
     };
     let api: Api<Generator> = Api::namespaced(ctx.client.clone(), namespace);
     write_status(&api, &*generator, Some(&previous), &status).await?;
