@@ -88,6 +88,14 @@ sql_migration!(
     "013_removal_report_notifications"
 );
 
+sql_migration!(
+    StatusNotificationsByUid,
+    "m20261129_000014_status_notifications_by_uid",
+    "014_status_notifications_by_uid"
+);
+
+sql_migration!(AuditLog, "m20261129_000015_audit_log", "015_audit_log");
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -108,6 +116,8 @@ impl MigratorTrait for Migrator {
             Box::new(AgentAccessNotifications),
             Box::new(DeletionMarkerPolicy),
             Box::new(RemovalReportNotifications),
+            Box::new(StatusNotificationsByUid),
+            Box::new(AuditLog),
         ]
     }
 }

@@ -4,7 +4,8 @@ use brokkr_migrations::{Migrator, MigratorTrait};
 use brokkr_testdb::TestDb;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 11] = [
+    "audit_log",
     "generators",
     "stacks",
     "agents",
@@ -64,6 +65,8 @@ INSERT INTO stack_annotations (id, stack_id, key, value) VALUES (gen_random_uuid
 INSERT INTO agent_labels (id, agent_id, label) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'env=prod');
 INSERT INTO agent_annotations (id, agent_id, key, value) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'k', 'v');
 UPDATE stacks SET deleted_at = now();
+INSERT INTO audit_log (actor, action, resource_kind, resource_namespace, resource_name, details)
+    VALUES ('kubectl', 'DeploymentObjectRecorded', 'Stack', 'ns', 'app', '{"sequence": 1}');
 "#;
 
 #[tokio::test]
@@ -182,4 +185,24 @@ async fn concurrent_migrators_take_turns() {
         .await
         .expect("status");
     assert_eq!(applied.len(), Migrator::migrations().len());
+}
+
+#[tokio::test]
+async fn audit_rows_are_append_only() {
+    let db = TestDb::empty().await;
+    Migrator::up(db.conn(), None).await.expect("up");
+    db.conn()
+        .execute_unprepared(POPULATE)
+        .await
+        .expect("populate");
+    let err = db
+        .conn()
+        .execute_unprepared("UPDATE audit_log SET actor = 'someone else'")
+        .await
+        .expect_err("an audit row cannot be rewritten");
+    assert!(err.to_string().contains("append-only"), "{err}");
+    db.conn()
+        .execute_unprepared("DELETE FROM audit_log WHERE at < now() + interval '1 minute'")
+        .await
+        .expect("pruning deletes");
 }

@@ -26,6 +26,8 @@ pub enum Command {
     Run,
     /// Print the CustomResourceDefinitions as YAML
     Crd,
+    /// Print the audit log: who changed what, oldest first (reads DATABASE_URL)
+    Audit(crate::audit::AuditArgs),
 }
 
 // Every flag is global: users type them after `run` as often as before it.
@@ -114,6 +116,10 @@ pub struct RunArgs {
     /// How long a deleted Stack waits for its agents to report the removal (e.g. 300s, 5m)
     #[arg(long, global = true, env = "BROKKR_DELETION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub deletion_timeout: Duration,
+
+    /// How long audit log rows are kept before the leader prunes them (e.g. 90d, 720h)
+    #[arg(long, global = true, env = "BROKKR_AUDIT_RETENTION", default_value = "90d", value_parser = parse_interval)]
+    pub audit_retention: Duration,
 
     /// How often Stack and AgentTarget status is refreshed from the database
     #[arg(long, global = true, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_interval)]

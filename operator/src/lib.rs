@@ -2,6 +2,7 @@
 //! resources into it, the agent API, and the status mirror.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod controllers;
 pub mod entity;

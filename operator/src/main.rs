@@ -13,6 +13,15 @@ async fn main() -> ExitCode {
             print!("{}", brokkr_crds::crds_yaml());
             ExitCode::SUCCESS
         }
+        Command::Audit(args) => {
+            match brokkr_operator::audit::print_from(cli.run.database_url.as_deref(), &args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("brokkr-operator audit: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run => match brokkr_operator::run::run(cli.run).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

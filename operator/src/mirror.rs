@@ -2,16 +2,17 @@
 //! Stack and Agent resources. PostgreSQL notifications say which resource to refresh;
 //! the controllers' periodic requeue is the safety net for anything missed.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use brokkr_common::backoff;
 use brokkr_crds::{Agent, Stack};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::changes::FeedTiming;
-use crate::store::notify::{AGENTS_CHANNEL, STATUS_CHANNEL, status_agent, status_stack};
+use crate::store::notify::{AGENTS_CHANNEL, STATUS_CHANNEL, status_agent};
 use crate::store::{self, Store};
 
 /// Where refresh requests go: the Stack and Agent controllers' `reconcile_on` streams.
@@ -19,6 +20,46 @@ use crate::store::{self, Store};
 pub struct Triggers {
     pub stacks: mpsc::Sender<ObjectRef<Stack>>,
     pub agents: mpsc::Sender<ObjectRef<Agent>>,
+    /// The Stack controller's cache: status notifications name Stacks by uid.
+    pub stack_cache: Cache<Stack>,
+}
+
+/// Stacks by `metadata.uid`, rebuilt from the cache when a uid is not found (a new
+/// Stack), at most once per [`StackIndex::REBUILD_INTERVAL`] so reports on deleted
+/// Stacks do not rebuild it for every notification.
+struct StackIndex {
+    by_uid: HashMap<String, ObjectRef<Stack>>,
+    built_at: Option<Instant>,
+}
+
+impl StackIndex {
+    const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new() -> StackIndex {
+        StackIndex {
+            by_uid: HashMap::new(),
+            built_at: None,
+        }
+    }
+
+    fn find(&mut self, uid: &str, cache: &Cache<Stack>) -> Option<ObjectRef<Stack>> {
+        if let Some(found) = self.by_uid.get(uid) {
+            return Some(found.clone());
+        }
+        if self
+            .built_at
+            .is_some_and(|at| at.elapsed() < Self::REBUILD_INTERVAL)
+        {
+            return None;
+        }
+        self.by_uid = cache
+            .state()
+            .iter()
+            .filter_map(|stack| Some((stack.metadata.uid.clone()?, ObjectRef::from_obj(&**stack))))
+            .collect();
+        self.built_at = Some(Instant::now());
+        self.by_uid.get(uid).cloned()
+    }
 }
 
 /// Forwards notifications to the controllers until the process ends, reconnecting
@@ -47,6 +88,7 @@ async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_
     let mut listener = store::listen(database_url, &[STATUS_CHANNEL, AGENTS_CHANNEL]).await?;
     info!("listening for agent reports");
     let timing = FeedTiming::default();
+    let mut stacks = StackIndex::new();
     let mut check = tokio::time::interval(timing.listener_check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.reset();
@@ -63,7 +105,8 @@ async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_
             return Ok(());
         };
         let sent = match notification.channel() {
-            STATUS_CHANNEL => match status_stack(notification.payload()) {
+            // A Stack this replica does not (yet) watch is refreshed by its requeue.
+            STATUS_CHANNEL => match stacks.find(notification.payload(), &triggers.stack_cache) {
                 Some(stack) => triggers.stacks.send(stack).await.is_ok(),
                 None => true,
             },

@@ -146,6 +146,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         duration: Duration::from_secs(15),
         retry: Duration::from_secs(4),
     };
+    let audit_retention = args.audit_retention;
     info!(namespace = %controller_config.namespace, identity = %lease.identity, api = %args.api_addr, "starting");
     run_when_leader(client.clone(), lease, metrics.clone(), stopped(stop), {
         move |mut lost| {
@@ -157,7 +158,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let stop = async move {
                     let _ = lost.wait_for(|lost| *lost).await;
                 };
+                let pruning = tokio::spawn(crate::audit::prune_periodically(
+                    store.clone(),
+                    audit_retention,
+                ));
                 controllers::run(client, store, config, metrics, stop).await;
+                pruning.abort();
             }
         }
     })

@@ -83,6 +83,7 @@ impl Fixture {
                     yaml: &yaml,
                     checksum: &checksum,
                 }),
+                author: None,
             })
             .await
             .unwrap();
@@ -317,6 +318,7 @@ async fn a_stack_targeted_before_it_had_content_wakes_the_long_poll_with_its_fir
             labels: None,
             annotations: None,
             content: None,
+            author: None,
         })
         .await
         .unwrap();

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use brokkr_operator::entity::{agent_events, agent_targets, deployment_objects, stacks};
 use brokkr_operator::store::{
-    AgentKey, AgentSync, EventReport, GeneratorSync, StackContent, StackSync, Store, StoreError,
+    AgentKey, AgentSync, AuditQuery, ContentAuthor, EventReport, GeneratorSync, StackContent,
+    StackSync, Store, StoreError,
 };
 use brokkr_testdb::TestDb;
 use sea_orm::{
@@ -62,6 +63,7 @@ impl Fixture {
                     yaml,
                     checksum: &checksum(yaml),
                 }),
+                author: None,
             })
             .await
             .expect("sync stack");
@@ -558,6 +560,7 @@ async fn values_past_column_sizes_are_refused_naming_the_field() {
             labels: Some(&[long_label]),
             annotations: None,
             content: None,
+            author: None,
         })
         .await
         .unwrap_err();
@@ -749,6 +752,7 @@ async fn invalid_content_keeps_serving_the_last_good_object() {
         labels: Some(&[]),
         annotations: Some(&EMPTY),
         content,
+        author: None,
     };
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
     let sum = checksum("a: 1");
@@ -1319,4 +1323,149 @@ async fn desired_state_query_uses_the_latest_live_index_at_scale() {
         plan.contains("deployment_objects_stack_latest_live_idx"),
         "the latest live object comes from its index:\n{plan}"
     );
+}
+
+#[tokio::test]
+async fn content_targets_and_deletion_are_audited_with_the_change_that_made_them() {
+    let f = Fixture::new().await;
+    let generator = f.generator("team-a/ci").await;
+    let resource_uid = Uuid::new_v4();
+    let sync = |yaml: &'static str| StackSync {
+        resource_uid,
+        name: "team-a/web",
+        description: None,
+        generator_id: generator,
+        labels: Some(&[]),
+        annotations: None,
+        content: Some(StackContent {
+            yaml,
+            checksum: Box::leak(checksum(yaml).into_boxed_str()),
+        }),
+        author: Some(ContentAuthor {
+            field_manager: "kubectl-client-side-apply",
+            generator: "ci",
+        }),
+    };
+    let first = f.store.sync_stack(&sync("a: 1")).await.unwrap();
+    // The same content again records nothing, so audits nothing.
+    f.store.sync_stack(&sync("a: 1")).await.unwrap();
+    let second = f.store.sync_stack(&sync("a: 2")).await.unwrap();
+    let stack = first.stack.id;
+    let [edge1, edge2] = [f.agent("edge-1", "x").await, f.agent("edge-2", "x").await];
+    f.target(stack, &[edge1, edge2]).await;
+    f.target(stack, &[edge2]).await;
+    f.target(stack, &[edge2]).await;
+    f.store.soft_delete_stack(stack).await.unwrap();
+
+    let rows = f.store.audit_entries(&AuditQuery::default()).await.unwrap();
+    let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "DeploymentObjectRecorded",
+            "DeploymentObjectRecorded",
+            "TargetsChanged",
+            "TargetsChanged",
+            "StackDeleted"
+        ]
+    );
+    for row in &rows {
+        assert_eq!(
+            (
+                row.resource_kind.as_str(),
+                row.resource_namespace.as_deref(),
+                row.resource_name.as_str(),
+                row.resource_id
+            ),
+            ("Stack", Some("team-a"), "web", Some(resource_uid))
+        );
+    }
+    assert_eq!(rows[0].actor, "kubectl-client-side-apply");
+    assert_eq!(rows[0].details["generator"], "ci");
+    let second_object = second.deployment_object.unwrap();
+    assert_eq!(rows[1].details["sequence"], second_object.sequence_id);
+    assert_eq!(rows[1].details["checksum"], second_object.yaml_checksum);
+    assert!(
+        !rows[1].details.to_string().contains("a: 2"),
+        "content never goes into the audit log"
+    );
+    assert_eq!(
+        rows[2].details["added"]["items"],
+        serde_json::json!(["edge-1", "edge-2"])
+    );
+    assert_eq!(
+        rows[3].details["removed"]["items"],
+        serde_json::json!(["edge-1"])
+    );
+    assert_eq!(rows[3].details["added"]["count"], 0);
+    assert_eq!(rows[4].actor, "brokkr.io/operator");
+
+    // Filters: by resource, by time, newest N.
+    let by_resource = |kind: &str, namespace: Option<&str>, name: Option<&str>| AuditQuery {
+        kind: Some(kind.into()),
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
+        ..AuditQuery::default()
+    };
+    let store = &f.store;
+    let found = |query: AuditQuery| async move { store.audit_entries(&query).await.unwrap().len() };
+    assert_eq!(
+        found(by_resource("stack", Some("team-a"), Some("web"))).await,
+        5
+    );
+    assert_eq!(
+        found(by_resource("Stack", Some("team-b"), Some("web"))).await,
+        0
+    );
+    assert_eq!(found(by_resource("agent", None, None)).await, 0);
+    let newest = f
+        .store
+        .audit_entries(&AuditQuery {
+            limit: Some(2),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
+        ["TargetsChanged", "StackDeleted"],
+        "the newest rows, oldest first"
+    );
+    let future = AuditQuery {
+        since: Some(chrono::Utc::now() + chrono::Duration::minutes(1)),
+        ..AuditQuery::default()
+    };
+    assert_eq!(found(future).await, 0);
+}
+
+#[tokio::test]
+async fn a_failed_change_leaves_no_audit_row_and_pruning_goes_in_batches() {
+    let f = Fixture::new().await;
+    let generator = f.generator("ci").await;
+    let (stack, _) = f.stack(generator, "ns/app", "a: 1").await;
+    // A target on an agent that does not exist fails the whole transaction.
+    let missing = Uuid::now_v7();
+    assert!(
+        f.store
+            .replace_stack_targets(stack, &BTreeSet::from([missing]))
+            .await
+            .is_err()
+    );
+    let rows = f.store.audit_entries(&AuditQuery::default()).await.unwrap();
+    assert_eq!(rows.len(), 1, "only the recorded content: {rows:?}");
+
+    f.exec(
+        "INSERT INTO audit_log (at, actor, action, resource_kind, resource_name) \
+         SELECT now() - interval '100 days', 'old', 'KeyIssued', 'Agent', 'edge-' || n \
+         FROM generate_series(1, 2500) n",
+    )
+    .await
+    .unwrap();
+    let pruned =
+        brokkr_operator::audit::prune(&f.store, std::time::Duration::from_secs(90 * 86_400))
+            .await
+            .unwrap();
+    assert_eq!(pruned, 2500);
+    let left = f.store.audit_entries(&AuditQuery::default()).await.unwrap();
+    assert_eq!(left.len(), 1, "recent rows stay");
 }

@@ -92,6 +92,7 @@ impl Seed {
                         yaml: &rendered.yaml,
                         checksum: &rendered.checksum,
                     }),
+                    author: None,
                 })
                 .await
                 .during(format!("create stack {name}"))?;

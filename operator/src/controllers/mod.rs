@@ -256,12 +256,13 @@ pub async fn run(
     let stacks_api = config.namespaced::<Stack>(&client);
     let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
     let (agent_triggers, agent_requests) = tokio::sync::mpsc::channel(1024);
+    let agents = agents.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(agent_requests));
+    let stacks = stacks.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(stack_requests));
     let triggers = crate::mirror::Triggers {
         stacks: stack_triggers,
         agents: agent_triggers,
+        stack_cache: stacks.store(),
     };
-    let agents = agents.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(agent_requests));
-    let stacks = stacks.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(stack_requests));
     let mut mirror = Vec::new();
     if let Some(url) = &config.database_url {
         mirror.push(tokio::spawn(crate::mirror::listen(
@@ -541,9 +542,54 @@ fn label_strings<K: Resource>(object: &K) -> Vec<String> {
         .collect()
 }
 
+/// The field manager that last changed the object's spec (from `metadata.managedFields`):
+/// who made a change, as far as the API server knows. `None` when no entry owns a spec
+/// field (an object created without field tracking).
+pub fn spec_field_manager<K: Resource>(object: &K) -> Option<String> {
+    object
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| entry.subresource.as_deref().is_none_or(str::is_empty))
+        .filter(|entry| {
+            entry
+                .fields_v1
+                .as_ref()
+                .is_some_and(|fields| fields.0.get("f:spec").is_some())
+        })
+        .max_by_key(|entry| entry.time.as_ref().map(|time| time.0))
+        .and_then(|entry| entry.manager.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spec_manager_is_the_newest_entry_owning_spec_fields() {
+        let stack: brokkr_crds::Stack = serde_json::from_value(serde_json::json!({
+            "apiVersion": "brokkr.io/v1alpha1",
+            "kind": "Stack",
+            "metadata": {"name": "web", "namespace": "apps", "managedFields": [
+                {"manager": "kubectl-client-side-apply", "operation": "Update",
+                 "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:spec": {"f:manifests": {}}}},
+                {"manager": "helm", "operation": "Apply",
+                 "time": "2026-01-02T00:00:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:spec": {"f:description": {}}}},
+                {"manager": "brokkr.io/operator", "operation": "Apply",
+                 "time": "2026-01-03T00:00:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:metadata": {"f:finalizers": {}}}},
+                {"manager": "brokkr.io/operator", "operation": "Apply", "subresource": "status",
+                 "time": "2026-01-04T00:00:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:status": {}}},
+            ]},
+            "spec": {"generatorRef": {"name": "ci"}, "manifests": "a: 1"},
+        }))
+        .unwrap();
+        assert_eq!(spec_field_manager(&stack).as_deref(), Some("helm"));
+    }
 
     #[test]
     fn an_error_is_named_by_its_category_through_the_finalizer() {

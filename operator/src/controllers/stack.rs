@@ -29,12 +29,14 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument};
 
 use super::{
-    Context, Error, Result, apply_status, label_strings, publish, resource_uid, with_finalizer,
-    write_status,
+    Context, Error, Result, apply_status, label_strings, publish, resource_uid, spec_field_manager,
+    with_finalizer, write_status,
 };
 use crate::render::{Rendered, render_manifests, render_resources};
 use crate::status::{Acceptance, StackStatusInput, now, stack_status};
-use crate::store::{StackContent, StackSync, StoreError};
+use crate::store::audit::{OPERATOR_ACTOR, actions, bounded_list};
+use crate::store::{AuditEntry, AuditResource, ContentAuthor, StackContent, StackSync, StoreError};
+use serde_json::json;
 
 #[instrument(skip_all, fields(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default()))]
 pub async fn reconcile(stack: Arc<Stack>, ctx: Arc<Context>) -> Result<Action> {
@@ -142,6 +144,7 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
     };
     let refused_metadata =
         matches!(&plan, Plan::Refuse { reason, .. } if *reason == reasons::INVALID_SPEC);
+    let field_manager = spec_field_manager(&*stack);
     let synced = ctx
         .store
         .sync_stack(&StackSync {
@@ -153,6 +156,10 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
             labels: (!refused_metadata).then_some(labels.as_slice()),
             annotations: (!refused_metadata).then_some(&stack.spec.annotations),
             content,
+            author: Some(ContentAuthor {
+                field_manager: field_manager.as_deref().unwrap_or("unknown"),
+                generator: generator_name,
+            }),
         })
         .await;
     let synced = match synced {
@@ -317,7 +324,10 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
     )
     .await;
     let waiting = match asked {
-        Ok(Ok(waiting)) if waiting.is_empty() => return Ok(Action::await_change()),
+        Ok(Ok(waiting)) if waiting.is_empty() => {
+            audit_deletion_outcome(&stack, ctx, actions::STACK_REMOVAL_REPORTED, json!({})).await;
+            return Ok(Action::await_change());
+        }
         Ok(Ok(waiting)) => Ok(waiting),
         Ok(Err(err)) => Err(err),
         Err(_) => Err(Error::DatabaseTimeout),
@@ -351,6 +361,11 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
         "released after {}s {why}",
         ctx.config.deletion_timeout.as_secs()
     );
+    let details = match &waiting {
+        Ok(waiting) => json!({ "notReportedBy": bounded_list(waiting) }),
+        Err(_) => json!({ "databaseReachable": false }),
+    };
+    audit_deletion_outcome(&stack, ctx, actions::STACK_DELETION_TIMED_OUT, details).await;
     publish(
         ctx,
         &stack.object_ref(&()),
@@ -379,6 +394,35 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
         }
     }
     Ok(Action::await_change())
+}
+
+/// Records how a deletion ended; best effort, as the Stack is released either way (a
+/// database that is down cannot take the row).
+async fn audit_deletion_outcome(
+    stack: &Stack,
+    ctx: &Context,
+    action: &'static str,
+    details: serde_json::Value,
+) {
+    let entry = AuditEntry {
+        actor: OPERATOR_ACTOR.to_owned(),
+        action,
+        resource: AuditResource {
+            kind: "Stack",
+            namespace: stack.namespace(),
+            name: stack.name_any(),
+            id: resource_uid(stack).ok(),
+        },
+        details,
+    };
+    let recorded = tokio::time::timeout(
+        DATABASE_WAIT_AFTER_TIMEOUT,
+        ctx.store.record_audit(&[entry]),
+    )
+    .await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::debug!("could not record the deletion's outcome in the audit log");
+    }
 }
 
 /// Names of the targeted agents that have not reported removing the deleted Stack;

@@ -6,6 +6,7 @@
 //! unique violations as [`StoreError::Conflict`].
 
 mod agents;
+pub mod audit;
 mod deployments;
 mod error;
 mod events;
@@ -21,11 +22,12 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, Statement, Value};
 
 pub use agents::{AgentKey, AgentSync, check_agent_version};
+pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditResource};
 pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
 pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;
-pub use stacks::{StackContent, StackSync, StackSynced, TargetsChanged};
+pub use stacks::{ContentAuthor, StackContent, StackSync, StackSynced, TargetsChanged};
 
 /// Column sizes of the schema, checked before every write so that nothing is truncated;
 /// the CRDs' spec checks use the same ones.

@@ -6,19 +6,19 @@
 //! | [`DESIRED_CHANNEL`] | `s:<stack id>`: a stack has a new deployment object or deletion marker | `009_notifications` |
 //! | [`DESIRED_CHANNEL`] | `a:<agent id>`: an agent's targets changed, or it reported removing a stack | `009_notifications`, `013_removal_report_notifications` |
 //! | [`DESIRED_CHANNEL`] | `k:<agent id>`: an agent's key, suspension or deletion changed | `011_agent_access_notifications` |
-//! | [`STATUS_CHANNEL`] | `<namespace>/<name>` of a stack agents reported on | `009_notifications` |
+//! | [`STATUS_CHANNEL`] | `metadata.uid` of a Stack agents reported on | `009_notifications`, `014_status_notifications_by_uid` |
 //! | [`AGENTS_CHANNEL`] | the name of an agent that went Online or Offline | `009_notifications` |
 //!
 //! The change feed ([`crate::api::changes`]) listens on the first, the status mirror
 //! ([`crate::mirror`]) on the other two.
 
-use brokkr_crds::{Agent, Stack};
+use brokkr_crds::Agent;
 use kube::runtime::reflector::ObjectRef;
 use uuid::Uuid;
 
 /// An agent's desired state or access may have changed; payloads parse as [`Change`].
 pub const DESIRED_CHANNEL: &str = "brokkr_desired";
-/// Agents reported on a stack; payloads parse with [`status_stack`].
+/// Agents reported on a stack; the payload is the Stack resource's `metadata.uid`.
 pub const STATUS_CHANNEL: &str = "brokkr_status";
 /// An agent went Online or Offline; payloads parse with [`status_agent`].
 pub const AGENTS_CHANNEL: &str = "brokkr_agents";
@@ -50,13 +50,6 @@ impl Change {
     }
 }
 
-/// The Stack a [`STATUS_CHANNEL`] notification names (its database name,
-/// `<namespace>/<name>`); `None` when the payload names none.
-pub fn status_stack(payload: &str) -> Option<ObjectRef<Stack>> {
-    let (namespace, name) = payload.split_once('/')?;
-    Some(ObjectRef::new(name).within(namespace))
-}
-
 /// The Agent an [`AGENTS_CHANNEL`] notification names.
 pub fn status_agent(payload: &str) -> ObjectRef<Agent> {
     ObjectRef::new(payload)
@@ -75,14 +68,6 @@ mod tests {
         assert_eq!(Change::parse("garbage"), None);
         assert_eq!(Change::parse("s:not-a-uuid"), None);
         assert_eq!(Change::parse(""), None);
-    }
-
-    #[test]
-    fn stack_names_map_to_their_resources() {
-        let stack = status_stack("shop/web").unwrap();
-        assert_eq!(stack.name, "web");
-        assert_eq!(stack.namespace.as_deref(), Some("shop"));
-        assert!(status_stack("no-namespace").is_none());
     }
 
     #[test]

@@ -7,11 +7,12 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::audit::{self, AuditEntry, AuditResource, actions};
 use super::metadata::{
     Owner, check_annotations, check_labels, replace_annotations, replace_labels,
 };
 use super::{Store, StoreError, StoreResult, check_len, limits};
-use crate::entity::{agent_targets, deployment_objects, stacks};
+use crate::entity::{agent_targets, agents, deployment_objects, stacks};
 
 /// Everything the database keeps of one Stack resource, written in one transaction.
 #[derive(Clone, Debug)]
@@ -29,6 +30,17 @@ pub struct StackSync<'a> {
     /// The rendered desired state; `None` keeps serving the last recorded one (used
     /// when the resource's content is invalid).
     pub content: Option<StackContent<'a>>,
+    /// Who changed the content, for the audit log; `None` records it as unknown.
+    pub author: Option<ContentAuthor<'a>>,
+}
+
+/// Who a new deployment object comes from: the field manager that last changed the
+/// Stack's spec (`kubectl-client-side-apply`, `helm`, `argocd-controller`...) and the
+/// Stack's Generator.
+#[derive(Clone, Copy, Debug)]
+pub struct ContentAuthor<'a> {
+    pub field_manager: &'a str,
+    pub generator: &'a str,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +95,9 @@ impl Store {
         let (deployment_object, created_deployment_object) = match input.content {
             Some(content) => {
                 let (object, created) = record_deployment_object(&txn, &stack, content).await?;
+                if created {
+                    audit::insert(&txn, &[content_recorded(input, &object)]).await?;
+                }
                 (Some(object), created)
             }
             None => (latest_live_deployment_object(&txn, stack.id).await?, false),
@@ -194,6 +209,20 @@ impl Store {
         } else {
             None
         };
+        if updated.rows_affected > 0
+            && let Some(stack) = stacks::Entity::find_by_id(stack_id).one(&txn).await?
+        {
+            let entry = AuditEntry {
+                actor: audit::OPERATOR_ACTOR.to_owned(),
+                action: actions::STACK_DELETED,
+                resource: stack_resource(&stack.name, stack.resource_uid),
+                details: serde_json::json!({
+                    "stackId": stack.id,
+                    "deletionMarkerId": marker.as_ref().map(|m| m.id),
+                }),
+            };
+            audit::insert(&txn, &[entry]).await?;
+        }
         txn.commit().await?;
         Ok(marker)
     }
@@ -215,7 +244,7 @@ impl Store {
     ) -> StoreResult<TargetsChanged> {
         let txn = self.db.begin().await?;
         // Serialises concurrent replacements of the same stack's set.
-        stacks::Entity::find_by_id(stack_id)
+        let stack = stacks::Entity::find_by_id(stack_id)
             .lock(LockType::Update)
             .one(&txn)
             .await?
@@ -248,6 +277,9 @@ impl Store {
             }))
             .exec_without_returning(&txn)
             .await?;
+        }
+        if !changed.is_empty() {
+            audit::insert(&txn, &[targets_changed(&txn, &stack, &changed).await?]).await?;
         }
         txn.commit().await?;
         Ok(changed)
@@ -328,6 +360,80 @@ pub(super) async fn latest_live_deployment_object(
 /// Inserts `content` unless the stack's current deployment object already has its
 /// checksum. Callers hold the stack row (or run in the transaction that wrote it), so
 /// two writers of one stack never both insert.
+/// The audit row of a newly recorded deployment object.
+fn content_recorded(input: &StackSync<'_>, object: &deployment_objects::Model) -> AuditEntry {
+    let author = input.author.unwrap_or(ContentAuthor {
+        field_manager: "unknown",
+        generator: "",
+    });
+    AuditEntry {
+        actor: author.field_manager.to_owned(),
+        action: actions::DEPLOYMENT_RECORDED,
+        resource: stack_resource(input.name, Some(input.resource_uid)),
+        details: serde_json::json!({
+            "stackId": object.stack_id,
+            "deploymentObjectId": object.id,
+            "sequence": object.sequence_id,
+            "checksum": object.yaml_checksum,
+            "generator": author.generator,
+            "generatorId": object.generator_id,
+        }),
+    }
+}
+
+/// The audit row of a target set change, naming the agents added and removed.
+async fn targets_changed(
+    db: &impl ConnectionTrait,
+    stack: &stacks::Model,
+    changed: &TargetsChanged,
+) -> StoreResult<AuditEntry> {
+    let listed = changed
+        .added
+        .iter()
+        .take(audit::MAX_LISTED)
+        .chain(changed.removed.iter().take(audit::MAX_LISTED))
+        .copied();
+    let names: BTreeMap<Uuid, String> = agents::Entity::find()
+        .filter(agents::Column::Id.is_in(listed))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|agent| (agent.id, agent.name))
+        .collect();
+    let named = |ids: &[Uuid]| -> Vec<String> {
+        ids.iter()
+            .take(audit::MAX_LISTED)
+            .map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
+            .collect()
+    };
+    let list = |ids: &[Uuid]| serde_json::json!({ "count": ids.len(), "items": named(ids) });
+    Ok(AuditEntry {
+        actor: audit::OPERATOR_ACTOR.to_owned(),
+        action: actions::TARGETS_CHANGED,
+        resource: stack_resource(&stack.name, stack.resource_uid),
+        details: serde_json::json!({
+            "stackId": stack.id,
+            "added": list(&changed.added),
+            "removed": list(&changed.removed),
+        }),
+    })
+}
+
+/// A Stack in the audit log, from its database name `<namespace>/<name>`. `id` is the
+/// resource uid: what users find with `kubectl get stack -o jsonpath='{.metadata.uid}'`.
+pub(crate) fn stack_resource(name: &str, id: Option<Uuid>) -> AuditResource {
+    let (namespace, name) = match name.split_once('/') {
+        Some((namespace, name)) => (Some(namespace.to_owned()), name.to_owned()),
+        None => (None, name.to_owned()),
+    };
+    AuditResource {
+        kind: "Stack",
+        namespace,
+        name,
+        id,
+    }
+}
+
 async fn record_deployment_object(
     db: &impl ConnectionTrait,
     stack: &stacks::Model,
