@@ -1,4 +1,10 @@
 //! `brokkr-migrate`: apply, roll back or inspect Brokkr's schema by hand.
+//!
+//! Not `sea_orm_migration::cli::run_cli`: its `up` runs without the advisory lock of
+//! [`brokkr_migrations::migrate_with_lock`], so a hand-run `up` could race hub replicas
+//! migrating at start; its `init` and `generate` commands write Rust sources into the
+//! working directory (a development tool, not an operations one); and its `cli` feature
+//! adds sea-orm-cli to every build. The four commands here are the ones operators need.
 
 use brokkr_migrations::{Migrator, MigratorTrait};
 use clap::{Parser, Subcommand};

@@ -1,6 +1,6 @@
 use std::collections::{HashMap, HashSet};
 
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter};
 use uuid::Uuid;
 
 use super::{Store, StoreResult, statement};
@@ -321,6 +321,7 @@ impl Store {
     /// benchmarks and the closing notes of performance work.
     #[cfg(any(test, feature = "testing"))]
     pub async fn explain_desired_for_agent(&self, agent_id: Uuid) -> StoreResult<String> {
+        use sea_orm::ConnectionTrait;
         let rows = self
             .db
             .query_all_raw(statement(
