@@ -19,9 +19,10 @@ pub const DEFAULT_KEY_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How long the previous key stays valid after a rotation when `keyPolicy.overlap` is not
 /// set: one hour.
 pub const DEFAULT_KEY_OVERLAP: Duration = Duration::from_secs(3600);
-/// The shortest lifetime a key may have: an agent rotates at 2/3 of it, and must have
-/// time to do so between heartbeats and hub restarts.
-pub const MIN_KEY_LIFETIME: Duration = Duration::from_secs(3600);
+/// The shortest lifetime a key may have: an agent rotates at 2/3 of it, so a minute
+/// leaves it 20 s, more than a heartbeat interval, to do so. Lifetimes this short are for
+/// trying rotation out; production keys live for days.
+pub const MIN_KEY_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Which hub namespaces may deliver to an Agent: AgentTargets in a namespace listed in
 /// `namespaces`, or in a namespace whose labels match `namespaceSelector`. Without this
@@ -70,7 +71,7 @@ impl TargetableFrom {
 #[serde(rename_all = "camelCase")]
 pub struct KeyPolicy {
     /// How long a key is valid after it is issued, such as `90d`, `720h` or `30m`; at
-    /// least `1h`. Defaults to 90 days.
+    /// least `1m`. Defaults to 90 days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<String>,
 
@@ -90,7 +91,7 @@ impl KeyPolicy {
         if lifetime < MIN_KEY_LIFETIME {
             return Err(SpecError::Invalid {
                 field: "spec.keyPolicy.lifetime".into(),
-                reason: format!("{text:?} is shorter than the minimum of 1h"),
+                reason: format!("{text:?} is shorter than the minimum of 1m"),
             });
         }
         Ok(lifetime)
@@ -157,7 +158,7 @@ mod tests {
         assert_eq!(policy.lifetime(), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(policy.overlap(), Ok(Duration::from_secs(900)));
         assert_eq!(policy.validate(), Ok(()));
-        for bad in ["10m", "0", "soon", "d", "99999999999999999999d"] {
+        for bad in ["59s", "0", "soon", "d", "99999999999999999999d"] {
             let policy = KeyPolicy {
                 lifetime: Some(bad.into()),
                 overlap: None,
@@ -166,8 +167,8 @@ mod tests {
             assert!(err.starts_with("spec.keyPolicy.lifetime"), "{bad}: {err}");
         }
         let policy = KeyPolicy {
-            lifetime: Some("2h".into()),
-            overlap: Some("3h".into()),
+            lifetime: Some("2m".into()),
+            overlap: Some("3m".into()),
         };
         assert!(
             policy
