@@ -54,6 +54,8 @@ pub mod reasons {
     // Stack.
     /// `spec.generatorRef` names a Generator that does not exist in the namespace.
     pub const GENERATOR_NOT_FOUND: &str = "GeneratorNotFound";
+    /// The Stack's Generator has `spec.suspend: true`: nothing new is recorded.
+    pub const GENERATOR_SUSPENDED: &str = "GeneratorSuspended";
     /// `spec.manifests` or `spec.resources` could not be parsed or rendered.
     pub const INVALID_MANIFEST: &str = "InvalidManifest";
     /// The content was recorded as a deployment object.

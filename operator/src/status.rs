@@ -19,6 +19,8 @@ pub enum Acceptance {
     Recorded,
     /// `spec.suspend`: nothing new is recorded; agents keep the last content.
     Suspended,
+    /// The Stack's Generator is suspended: nothing new is recorded until it resumes.
+    GeneratorSuspended,
     /// Refused; the last good deployment object keeps being served.
     Refused {
         reason: &'static str,
@@ -77,6 +79,14 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
             true,
             reasons::SUSPENDED,
             "suspended: changes are not recorded; agents keep the last recorded content".into(),
+        ),
+        Acceptance::GeneratorSuspended => condition(
+            types::ACCEPTED,
+            true,
+            reasons::GENERATOR_SUSPENDED,
+            "its Generator is suspended: changes are not recorded until it resumes; agents \
+             keep the last recorded content"
+                .into(),
         ),
         Acceptance::Refused { reason, message } => condition(
             types::ACCEPTED,

@@ -6,7 +6,8 @@
 //!    status (`GeneratorNotFound`);
 //! 2. makes the Stack a dependent of the Generator (`ensure_owner`), an API write made
 //!    before, and outside, the database transaction;
-//! 3. validates and renders the spec ([`plan`], pure);
+//! 3. validates and renders the spec ([`plan`], pure); while the Generator is suspended,
+//!    valid content is held back (`Accepted` reason `GeneratorSuspended`);
 //! 4. writes the row, labels, annotations and, when the spec is accepted and its
 //!    checksum is new, a deployment object in one transaction (`Store::sync_stack`); a
 //!    refused spec keeps the last labels, annotations and content;
@@ -60,6 +61,7 @@ pub async fn reconcile(stack: Arc<Stack>, ctx: Arc<Context>) -> Result<Action> {
 pub enum Plan {
     Record(Rendered),
     Suspended,
+    GeneratorSuspended,
     Refuse {
         reason: &'static str,
         message: String,
@@ -123,7 +125,11 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
     ensure_owner(&stack, &generator, &api).await?;
 
     let labels = label_strings(&*stack);
-    let plan = plan(&stack, &labels);
+    let plan = match plan(&stack, &labels) {
+        // A suspended Generator records nothing new, but a refused spec is still said.
+        Plan::Record(_) if generator.spec.suspend => Plan::GeneratorSuspended,
+        plan => plan,
+    };
     let name = format!("{namespace}/{}", stack.name_any());
     let (content, acceptance) = match &plan {
         Plan::Record(rendered) => (
@@ -134,6 +140,7 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
             Acceptance::Recorded,
         ),
         Plan::Suspended => (None, Acceptance::Suspended),
+        Plan::GeneratorSuspended => (None, Acceptance::GeneratorSuspended),
         Plan::Refuse { reason, message } => (
             None,
             Acceptance::Refused {
