@@ -134,7 +134,9 @@ def env_read_by(config_rs: Path) -> set[str]:
 CHART_ONLY_ENV = {"BROKKR_POSTGRES_PASSWORD", "RUST_LOG"}
 # Settings the issue specifies that the binary does not read yet; a note, not a failure,
 # until the binary reads them (the note then disappears by itself).
-PENDING_ENV: dict[str, set[str]] = {}
+PENDING_ENV: dict[str, set[str]] = {
+    "brokkr-agent": {"BROKKR_AGENT_KEY_SECRET", "BROKKR_AGENT_KEY_SECRET_KEY"},
+}
 
 REQUIRED_ENV = {
     "brokkr-operator": {"DATABASE_URL", "BROKKR_NAMESPACE", "POD_NAME", "BROKKR_METRICS_ADDR",
@@ -230,6 +232,18 @@ def scenarios() -> list[Scenario]:
                  {"Deployment": 1, "ServiceAccount": 1, "ClusterRole": 1,
                   "ClusterRoleBinding": 1, "Secret": 1, "ConfigMap": 1},
                  [check_agent_key_secret, check_hub_ca]),
+        Scenario("brokkr-agent", "rbac.scope=namespaces with the chart's key Secret",
+                 deep_merge(AGENT_REQUIRED, {"rbac": {"scope": "namespaces", "namespaces": ["shop"]}}),
+                 "brokkr-agent",
+                 {"Deployment": 1, "ServiceAccount": 1, "Role": 2, "RoleBinding": 2, "Secret": 1},
+                 [check_agent_rbac, check_agent_key_secret]),
+        Scenario("brokkr-agent", "rbac.scope=cluster narrowed by config.allowedNamespaces",
+                 deep_merge(AGENT_REQUIRED, {"config": {"allowedNamespaces": ["shop", "payments"],
+                                                        "allowClusterScoped": False}}),
+                 "brokkr-agent",
+                 {"Deployment": 1, "ServiceAccount": 1, "ClusterRole": 1,
+                  "ClusterRoleBinding": 1, "Secret": 1},
+                 [check_agent_rbac]),
         Scenario("brokkr-agent", "ci/production-values.yaml", agent_prod, "brokkr-agent",
                  {"Deployment": 1, "ServiceAccount": 1, "Role": 3, "RoleBinding": 3,
                   "Service": 1, "ServiceMonitor": 1},
@@ -262,6 +276,12 @@ NEGATIVE = [
      "not both"),
     ("brokkr-agent", "namespaces scope without namespaces",
      deep_merge(AGENT_REQUIRED, {"rbac": {"scope": "namespaces"}}), "namespaces"),
+    ("brokkr-agent", "namespaces scope with config.allowedNamespaces too",
+     deep_merge(AGENT_REQUIRED, {"rbac": {"scope": "namespaces", "namespaces": ["a"]},
+                                 "config": {"allowedNamespaces": ["b"]}}),
+     "leave config.allowedNamespaces empty"),
+    ("brokkr-agent", "an allowed namespace that is no namespace name",
+     deep_merge(AGENT_REQUIRED, {"config": {"allowedNamespaces": ["Shop"]}}), "allowedNamespaces"),
     ("brokkr-agent", "an unknown scope", deep_merge(AGENT_REQUIRED, {"rbac": {"scope": "some"}}),
      "scope"),
     ("brokkr-agent", "a hub URL without scheme",
@@ -707,27 +727,62 @@ def check_replicas(n: int) -> Callable[[Rendered], None]:
     return check
 
 
+def agent_env(r: Rendered) -> dict[str, dict]:
+    return {e["name"]: e for e in brokkr_container(r).get("env", [])}
+
+
+def agent_own_namespace_rules(key_secret: str) -> set[tuple]:
+    """What the agent uses in its own namespace with rbac.scope=namespaces, exactly: its
+    inventory ConfigMaps (listed, applied, deleted) and get/update of its key Secret only."""
+    inventory = {("", "configmaps", verb, ()) for verb in ("list", "create", "patch", "delete")}
+    key = {("", "secrets", verb, (key_secret,)) for verb in ("get", "update")}
+    return inventory | key
+
+
 def check_agent_rbac(r: Rendered) -> None:
     scope = r.merged["rbac"]["scope"]
     everything = {("*", "*", "*", ())}
+    env = agent_env(r)
+    value = lambda var: dig(env, var, "value")  # noqa: E731
+    key_secret = r.merged["agentKey"]["existingSecret"] or f"{r.scenario.chart}-key"
+    R.check(dig(env, "BROKKR_AGENT_NAMESPACE", "valueFrom", "fieldRef", "fieldPath") == "metadata.namespace",
+            "agent: BROKKR_AGENT_NAMESPACE is the pod's namespace (inventories, key Secret)")
+    R.check(value("BROKKR_AGENT_KEY_SECRET") == key_secret,
+            "agent: BROKKR_AGENT_KEY_SECRET names the key Secret", repr(value("BROKKR_AGENT_KEY_SECRET")))
+    R.check(value("BROKKR_AGENT_KEY_SECRET_KEY") == r.merged["agentKey"]["secretKey"],
+            "agent: BROKKR_AGENT_KEY_SECRET_KEY is agentKey.secretKey")
     if scope == "cluster":
         R.check(rules_table(r.one("ClusterRole").get("rules", [])) == everything,
                 "agent scope cluster: a ClusterRole with every verb on every resource")
         R.check(not r.of("Role"), "agent scope cluster: no Roles")
+        allowed = r.merged["config"]["allowedNamespaces"]
+        R.check(value("BROKKR_ALLOWED_NAMESPACES") == (",".join(allowed) if allowed else None),
+                "agent scope cluster: --allowed-namespaces from config.allowedNamespaces (unset: all)",
+                repr(value("BROKKR_ALLOWED_NAMESPACES")))
+        R.check(value("BROKKR_ALLOW_CLUSTER_SCOPED") == str(r.merged["config"]["allowClusterScoped"]).lower(),
+                "agent scope cluster: --allow-cluster-scoped from config.allowClusterScoped")
     else:
-        inventory = [d for d in r.of("Role") if d["metadata"]["name"].endswith("-inventory")]
-        roles = [d for d in r.of("Role") if d not in inventory]
+        own = [d for d in r.of("Role") if d["metadata"]["name"].endswith("-own")]
+        roles = [d for d in r.of("Role") if d not in own]
         namespaces = sorted(d["metadata"]["namespace"] for d in roles)
         R.check(namespaces == sorted(r.merged["rbac"]["namespaces"]),
                 "agent scope namespaces: one Role per listed namespace", repr(namespaces))
-        R.check(all(rules_table(d.get("rules", [])) == everything for d in roles),
-                "agent scope namespaces: every verb on every resource, in those namespaces only")
-        R.check(len(inventory) == 1
-                and all(rule.get("resources") == ["configmaps"] and rule.get("apiGroups") == [""]
-                        for rule in inventory[0].get("rules", [])),
-                "agent scope namespaces: its inventories (ConfigMaps) in its own namespace only")
+        shared = yaml.safe_load((CHARTS / "brokkr-agent/rbac/namespace-rules.yaml").read_text())
+        R.check(all(rules_table(d.get("rules", [])) == everything == rules_table(shared) for d in roles),
+                "agent scope namespaces: every verb on every resource, in those namespaces only "
+                "(rbac/namespace-rules.yaml, the rules the agent's tests bind)")
+        R.check(len(own) == 1 and dig(own[0], "metadata", "namespace") == r.scenario.namespace
+                and rules_table(own[0].get("rules", [])) == agent_own_namespace_rules(key_secret),
+                "agent scope namespaces: in its own namespace exactly its inventories and get/update "
+                f"of its key Secret {key_secret}",
+                repr(sorted(rules_table(own[0].get("rules", [])))) if own else "no -own Role")
         R.check(not r.of("ClusterRole") and not r.of("ClusterRoleBinding"),
                 "agent scope namespaces: no cluster-wide grant")
+        R.check(value("BROKKR_ALLOWED_NAMESPACES") == ",".join(r.merged["rbac"]["namespaces"]),
+                "agent scope namespaces: --allowed-namespaces is rbac.namespaces",
+                repr(value("BROKKR_ALLOWED_NAMESPACES")))
+        R.check(value("BROKKR_ALLOW_CLUSTER_SCOPED") == "false",
+                "agent scope namespaces: --allow-cluster-scoped=false")
     R.check("kubectl get agents" in r.notes, "NOTES.txt: how to check the agent on the hub")
 
 

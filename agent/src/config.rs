@@ -1,6 +1,7 @@
 //! Command line and environment: [`Args`] as clap parses them, resolved and validated into
 //! the [`Config`] the agent runs with.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use brokkr_common::backoff::{self, Backoff};
 use brokkr_common::parse_interval;
 use clap::Parser;
+
+use crate::scope::{SpokeScope, validate_namespace};
 
 /// The environment variable holding the agent's key (the alternative to `--key-file`).
 pub const AGENT_KEY_ENV: &str = "BROKKR_AGENT_KEY";
@@ -70,6 +73,47 @@ pub struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "BROKKR_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
+
+    // --- What the agent may touch on its spoke (issue 13, item 2) ---
+    /// Namespaces the agent may write to, comma-separated (default: every namespace). An
+    /// object of a Stack in another namespace is refused (an Apply Failure naming it), and
+    /// the agent lists and watches only in these namespaces.
+    #[arg(long, env = "BROKKR_ALLOWED_NAMESPACES", value_name = "NS1,NS2", value_parser = parse_namespaces)]
+    pub allowed_namespaces: Option<AllowedNamespaces>,
+
+    /// Whether the agent may write cluster-scoped objects (`true` or `false`). With `false`,
+    /// a cluster-scoped object is refused, except a Namespace named in --allowed-namespaces.
+    #[arg(
+        long,
+        env = "BROKKR_ALLOW_CLUSTER_SCOPED",
+        default_value = "true",
+        value_name = "BOOL",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_cluster_scoped: bool,
+    // --- end of the spoke scope ---
+}
+
+/// The value of `--allowed-namespaces`: at least one valid namespace name, each once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedNamespaces(pub BTreeSet<String>);
+
+/// Parses `ns1,ns2` (spaces around names allowed); an empty list, an empty entry or a name
+/// that is no namespace name is an error naming it.
+pub fn parse_namespaces(value: &str) -> Result<AllowedNamespaces, String> {
+    let mut names = BTreeSet::new();
+    for name in value.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(format!(
+                "{value:?} holds an empty namespace name: list namespaces separated by commas, e.g. shop,payments"
+            ));
+        }
+        validate_namespace(name)
+            .map_err(|reason| format!("invalid namespace {name:?}: {reason}"))?;
+        names.insert(name.to_owned());
+    }
+    Ok(AllowedNamespaces(names))
 }
 
 /// The agent key. Its `Debug` and `Display` never show it.
@@ -122,6 +166,9 @@ pub struct Config {
     pub log_json: bool,
     /// Namespace of the inventories; `None`: the client's default namespace.
     pub namespace: Option<String>,
+    /// What the agent may write, and where it lists and watches (`--allowed-namespaces`,
+    /// `--allow-cluster-scoped`).
+    pub scope: SpokeScope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +218,7 @@ impl Config {
             retry_backoff: backoff::AGENT_RETRY,
             log_json: false,
             namespace: None,
+            scope: SpokeScope::everything(),
         })
     }
 
@@ -209,6 +257,10 @@ impl Config {
         config.crd_establish_timeout = args.crd_establish_timeout;
         config.log_json = args.log_json;
         config.namespace = args.namespace.filter(|ns| !ns.is_empty());
+        config.scope = SpokeScope::new(
+            args.allowed_namespaces.map(|n| n.0),
+            args.allow_cluster_scoped,
+        );
         Ok(config)
     }
 }
@@ -261,6 +313,10 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Args {
+        try_args(extra).unwrap()
+    }
+
+    fn try_args(extra: &[&str]) -> Result<Args, clap::Error> {
         let mut argv = vec![
             "brokkr-agent",
             "--hub-url",
@@ -269,7 +325,7 @@ mod tests {
             "edge-1",
         ];
         argv.extend_from_slice(extra);
-        Args::try_parse_from(argv).unwrap()
+        Args::try_parse_from(argv)
     }
 
     #[test]
@@ -345,6 +401,43 @@ mod tests {
         assert!(validate_hub_url("http://hub:8080").is_ok());
         assert!(validate_hub_url("ftp://hub").is_err());
         assert!(validate_hub_url("hub.example.com").is_err());
+    }
+
+    #[test]
+    fn the_spoke_scope_defaults_to_everything() {
+        let config = Config::from_args(args(&[]), Some("k".into())).unwrap();
+        assert_eq!(config.scope, SpokeScope::everything());
+        assert!(config.scope.allows_cluster_scoped());
+        assert_eq!(config.scope.namespaces(), None);
+    }
+
+    #[test]
+    fn allowed_namespaces_and_cluster_scoped_objects_are_flags() {
+        let parsed = args(&[
+            "--allowed-namespaces",
+            "shop, payments,shop",
+            "--allow-cluster-scoped=false",
+        ]);
+        let config = Config::from_args(parsed, Some("k".into())).unwrap();
+        let expected: BTreeSet<String> = ["payments".to_owned(), "shop".to_owned()].into();
+        assert_eq!(config.scope.namespaces(), Some(&expected));
+        assert!(!config.scope.allows_cluster_scoped());
+        assert!(args(&["--allow-cluster-scoped", "true"]).allow_cluster_scoped);
+        assert!(!args(&["--allow-cluster-scoped", "no"]).allow_cluster_scoped);
+    }
+
+    #[test]
+    fn bad_scope_flags_are_refused_with_the_reason() {
+        let parse = |extra: &[&str]| try_args(extra).map(|_| ()).map_err(|e| e.to_string());
+        let err = parse(&["--allowed-namespaces", "shop,Kube_System"]).unwrap_err();
+        assert!(err.contains("invalid namespace \"Kube_System\""), "{err}");
+        let err = parse(&["--allowed-namespaces", "shop,,pay"]).unwrap_err();
+        assert!(err.contains("empty namespace name"), "{err}");
+        assert!(parse(&["--allowed-namespaces", ""]).is_err());
+        let err = parse(&["--allow-cluster-scoped", "maybe"]).unwrap_err();
+        assert!(err.contains("maybe"), "{err}");
+        // A bare flag takes no implicit value: it must say true or false.
+        assert!(parse(&["--allow-cluster-scoped"]).is_err());
     }
 
     #[test]

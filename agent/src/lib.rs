@@ -45,6 +45,12 @@
 //!   never writes for a version already applied and only reports it; either way one `Drift`
 //!   event per episode. `ignoreDifferences` pointers are neither applied nor compared. The
 //!   periodic resync syncs everything regardless.
+//! - Scope ([`scope`]): `--allowed-namespaces` and `--allow-cluster-scoped=false` refuse an
+//!   object outside them on its own (an Apply Failure naming it and the allowed namespaces),
+//!   before any call about it; the stack's other objects still apply. With allowed
+//!   namespaces the agent lists and watches only in them (drift watches per namespace, none
+//!   for cluster-scoped kinds), so namespaced Roles are all it needs. A scope change never
+//!   deletes anything: refused objects stay in place and in the inventory.
 
 pub mod agent;
 pub mod apply;
@@ -55,6 +61,7 @@ pub mod inventory;
 pub mod manifest;
 pub mod metrics;
 pub mod reporter;
+pub mod scope;
 
 pub use agent::{AgentError, AgentHandle, run, start};
 pub use config::{AGENT_KEY_ENV, AgentKey, Args, Config, ConfigError};

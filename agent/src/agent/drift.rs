@@ -1,5 +1,7 @@
 //! Drift: a watch per applied kind (selected by the agent label; labels only *find* objects
-//! here, they never make an object the agent's) and the debounced sync of stacks whose
+//! here, they never make an object the agent's) — cluster-wide, or with `--allowed-namespaces`
+//! one per namespace the kind is applied in, so the agent never lists outside its namespaces
+//! ([`SpokeScope::watch_namespaces`]) — and the debounced sync of stacks whose
 //! objects were changed or deleted. The sync itself finds the drift (it reads every live
 //! object anyway) and corrects it, or with `driftPolicy: Detect` only compares; either way
 //! each drift episode is reported as a `Drift` event ([`drift_message`]).
@@ -22,6 +24,10 @@ use super::Worker;
 use super::sync::StackState;
 use crate::apply::{AppliedObject, KindKey, Resolved};
 use crate::manifest::{self, ObjectKey};
+use crate::scope::SpokeScope;
+
+/// One drift watch: a kind, in one namespace or (`None`) across the cluster.
+pub(super) type WatchKey = (KindKey, Option<String>);
 
 /// How an applied object drifted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +120,7 @@ pub(super) fn next_drift_report(
 
 /// The worker's drift bookkeeping.
 pub(super) struct Drift {
-    pub(super) watchers: HashMap<KindKey, AbortHandle>,
+    pub(super) watchers: HashMap<WatchKey, AbortHandle>,
     pub(super) watch_tasks: JoinSet<()>,
     pub(super) sightings_tx: mpsc::UnboundedSender<Sighting>,
     /// Stacks to re-apply when the debounce ends.
@@ -150,22 +156,29 @@ pub(super) enum Sighting {
     Deleted {
         key: ObjectKey,
     },
-    /// A (re-)list finished with exactly these objects of the kind: any applied object of the
-    /// kind missing from it was deleted while the watch was down.
+    /// A (re-)list finished with exactly these objects of the kind (in `namespace`, when the
+    /// watch is of one namespace): any applied object of the kind there missing from it was
+    /// deleted while the watch was down.
     Listed {
         kind: KindKey,
+        namespace: Option<String>,
         keys: BTreeSet<ObjectKey>,
     },
 }
 
-/// Watches one kind for objects labelled with this agent's name.
+/// Watches one kind (in one namespace, or across the cluster) for objects labelled with this
+/// agent's name.
 pub(super) async fn watch_kind(
     client: Client,
     resolved: Resolved,
+    namespace: Option<String>,
     selector: String,
     sightings: mpsc::UnboundedSender<Sighting>,
 ) {
-    let api: Api<DynamicObject> = Api::all_with(client, &resolved.resource);
+    let api: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &resolved.resource),
+        None => Api::all_with(client, &resolved.resource),
+    };
     let stream =
         watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -189,10 +202,11 @@ pub(super) async fn watch_kind(
             }
             Ok(Event::InitDone) => Sighting::Listed {
                 kind: resolved.kind_key(),
+                namespace: namespace.clone(),
                 keys: std::mem::take(&mut listing),
             },
             Err(err) => {
-                tracing::debug!(kind = %resolved.resource.kind, error = %err, "watch interrupted");
+                tracing::debug!(kind = %resolved.resource.kind, namespace = namespace.as_deref().unwrap_or("*"), error = %err, "watch interrupted");
                 continue;
             }
         };
@@ -200,6 +214,31 @@ pub(super) async fn watch_kind(
             return;
         }
     }
+}
+
+/// The watches the applied objects need: per kind, one cluster-wide or one per namespace the
+/// kind is applied in, as the scope allows.
+pub(super) fn needed_watches<'a>(
+    scope: &SpokeScope,
+    applied: impl Iterator<Item = (&'a ObjectKey, &'a AppliedObject)>,
+) -> BTreeMap<WatchKey, Resolved> {
+    let mut kinds: BTreeMap<KindKey, (Resolved, BTreeSet<String>)> = BTreeMap::new();
+    for (key, object) in applied {
+        let entry = kinds
+            .entry(object.resource.kind_key())
+            .or_insert_with(|| (object.resource.clone(), BTreeSet::new()));
+        entry.1.extend(key.namespace.clone());
+    }
+    let mut needed = BTreeMap::new();
+    for (kind, (resolved, used)) in kinds {
+        let Some(namespaces) = scope.watch_namespaces(resolved.namespaced, &used) else {
+            continue;
+        };
+        for namespace in namespaces {
+            needed.insert((kind.clone(), namespace), resolved.clone());
+        }
+    }
+    needed
 }
 
 impl Worker {
@@ -238,10 +277,17 @@ impl Worker {
                     touched.insert(id);
                 }
             }
-            Sighting::Listed { kind, keys } => {
+            Sighting::Listed {
+                kind,
+                namespace,
+                keys,
+            } => {
                 for (id, stack) in &self.stacks {
                     let missing = stack.applied.keys().find(|key| {
-                        key.group == kind.0 && key.kind == kind.1 && !keys.contains(key)
+                        key.group == kind.0
+                            && key.kind == kind.1
+                            && (namespace.is_none() || key.namespace == namespace)
+                            && !keys.contains(key)
                     });
                     if let Some(key) = missing {
                         tracing::info!(stack = %id, object = %key, "drift: the object is gone");
@@ -275,14 +321,13 @@ impl Worker {
         }
     }
 
-    /// Starts a watch for every kind currently applied and stops the ones no longer needed.
+    /// Starts a watch for every kind currently applied (where the scope lets the agent
+    /// watch, [`needed_watches`]) and stops the ones no longer needed.
     pub(super) fn ensure_watchers(&mut self) {
-        let mut needed: BTreeMap<KindKey, Resolved> = BTreeMap::new();
-        for stack in self.stacks.values() {
-            for applied in stack.applied.values() {
-                needed.insert(applied.resource.kind_key(), applied.resource.clone());
-            }
-        }
+        let needed = needed_watches(
+            &self.config.scope,
+            self.stacks.values().flat_map(|s| s.applied.iter()),
+        );
         self.drift.watchers.retain(|kind, handle| {
             let keep = needed.contains_key(kind);
             if !keep {
@@ -291,18 +336,20 @@ impl Worker {
             keep
         });
         let selector = manifest::agent_selector(&self.config.agent_name);
-        for (kind, resolved) in needed {
-            if self.drift.watchers.contains_key(&kind) {
+        for (watch, resolved) in needed {
+            if self.drift.watchers.contains_key(&watch) {
                 continue;
             }
-            tracing::debug!(kind = %resolved.resource.kind, "watching for drift");
+            let namespace = watch.1.clone();
+            tracing::debug!(kind = %resolved.resource.kind, namespace = namespace.as_deref().unwrap_or("*"), "watching for drift");
             let handle = self.drift.watch_tasks.spawn(watch_kind(
                 self.applier.client().clone(),
                 resolved,
+                namespace,
                 selector.clone(),
                 self.drift.sightings_tx.clone(),
             ));
-            self.drift.watchers.insert(kind, handle);
+            self.drift.watchers.insert(watch, handle);
         }
         // Reap finished (aborted) watch tasks.
         while self.drift.watch_tasks.try_join_next().is_some() {}
@@ -377,6 +424,57 @@ mod tests {
             ))
         );
         assert_eq!(memory, DriftMemory::default());
+    }
+
+    fn applied(kind: &str, namespaced: bool) -> AppliedObject {
+        let gvk = kube::api::GroupVersionKind::gvk("", "v1", kind);
+        AppliedObject {
+            resource: Resolved {
+                resource: kube::api::ApiResource::from_gvk(&gvk),
+                namespaced,
+            },
+            desired: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn watches_are_per_namespace_inside_the_allowed_namespaces_and_cluster_wide_otherwise() {
+        let namespace = ObjectKey {
+            group: String::new(),
+            kind: "Namespace".into(),
+            namespace: None,
+            name: "shop".into(),
+        };
+        let mut elsewhere = key("b");
+        elsewhere.namespace = Some("pay".into());
+        let objects = [
+            (key("a"), applied("ConfigMap", true)),
+            (elsewhere, applied("ConfigMap", true)),
+            (key("c"), applied("ConfigMap", true)),
+            (namespace, applied("Namespace", false)),
+        ];
+        let config_maps = (String::new(), "ConfigMap".to_owned());
+        let namespaces = (String::new(), "Namespace".to_owned());
+        let everywhere = needed_watches(
+            &SpokeScope::everything(),
+            objects.iter().map(|(k, a)| (k, a)),
+        );
+        let keys: Vec<&WatchKey> = everywhere.keys().collect();
+        assert_eq!(
+            keys,
+            [&(config_maps.clone(), None), &(namespaces.clone(), None)]
+        );
+        let confined = SpokeScope::new(Some(["shop".to_owned(), "pay".to_owned()].into()), false);
+        let per_namespace = needed_watches(&confined, objects.iter().map(|(k, a)| (k, a)));
+        let keys: Vec<&WatchKey> = per_namespace.keys().collect();
+        assert_eq!(
+            keys,
+            [
+                &(config_maps.clone(), Some("pay".to_owned())),
+                &(config_maps, Some("shop".to_owned())),
+            ],
+            "one watch per namespace used, none cluster-wide"
+        );
     }
 
     #[test]

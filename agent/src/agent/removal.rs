@@ -117,6 +117,12 @@ impl Worker {
             let Some(entry) = inventory.entries.get(&key).cloned() else {
                 continue;
             };
+            // Outside the agent's scope now: neither read nor deleted, and kept in the
+            // inventory (the failure names it), until the scope allows it again.
+            if let Err(message) = self.config.scope.check(&key) {
+                removed.left.push(fail(&key, message));
+                continue;
+            }
             let resolved = match self.applier.lookup(&entry.gvk()).await {
                 Ok(Some(resolved)) => resolved,
                 // The kind is not served (its CRD is gone): so are its objects.

@@ -359,7 +359,13 @@ impl Worker {
                     }
                 };
                 let key = Applier::key_for(manifest, &resolved);
+                // Desired even when refused below: pruning never deletes an object because
+                // the agent's scope changed.
                 outcome.desired.insert(key.clone());
+                if let Err(message) = self.config.scope.check(&key) {
+                    outcome.fail(key.to_string(), message);
+                    continue;
+                }
                 let live = match self.applier.get_object(&key, &resolved).await {
                     Ok(live) => live,
                     Err(message) => {

@@ -75,8 +75,11 @@ app.kubernetes.io/component: agent
 {{- if and .Values.hub.caBundle .Values.hub.caConfigMap }}
 {{- fail "hub: set caBundle or caConfigMap, not both" }}
 {{- end }}
-{{- if and .Values.rbac.create (eq .Values.rbac.scope "namespaces") (not .Values.rbac.namespaces) }}
+{{- if and (eq .Values.rbac.scope "namespaces") (not .Values.rbac.namespaces) }}
 {{- fail "rbac.scope=namespaces needs rbac.namespaces: the namespaces the agent may write to" }}
+{{- end }}
+{{- if and (eq .Values.rbac.scope "namespaces") .Values.config.allowedNamespaces }}
+{{- fail "rbac.scope=namespaces confines the agent to rbac.namespaces: leave config.allowedNamespaces empty" }}
 {{- end }}
 {{- end }}
 
@@ -86,5 +89,25 @@ app.kubernetes.io/component: agent
 {{- .Values.hub.caConfigMap }}
 {{- else if .Values.hub.caBundle }}
 {{- printf "%s-hub-ca" (include "brokkr-agent.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* --allowed-namespaces: rbac.namespaces with rbac.scope=namespaces, else
+config.allowedNamespaces (empty: every namespace). */}}
+{{- define "brokkr-agent.allowedNamespaces" -}}
+{{- if eq .Values.rbac.scope "namespaces" }}
+{{- join "," .Values.rbac.namespaces }}
+{{- else }}
+{{- join "," .Values.config.allowedNamespaces }}
+{{- end }}
+{{- end }}
+
+{{/* --allow-cluster-scoped: false with rbac.scope=namespaces (a namespaced Role cannot
+grant cluster-scoped objects), else config.allowClusterScoped. */}}
+{{- define "brokkr-agent.allowClusterScoped" -}}
+{{- if eq .Values.rbac.scope "namespaces" }}
+{{- "false" }}
+{{- else }}
+{{- .Values.config.allowClusterScoped | toString }}
 {{- end }}
 {{- end }}

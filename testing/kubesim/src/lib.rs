@@ -10,6 +10,7 @@
 //! throwaway namespace.
 
 mod apply;
+mod rbac;
 mod resources;
 mod router;
 mod schema;

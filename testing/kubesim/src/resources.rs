@@ -293,6 +293,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
             tracks_generation: b.tracks_generation,
             custom: None,
         })
+        .chain(crate::rbac::resource_types())
         .collect()
 }
 
@@ -560,7 +561,8 @@ mod tests {
                 "apps",
                 "batch",
                 "coordination.k8s.io",
-                CRD_GROUP
+                CRD_GROUP,
+                crate::rbac::GROUP
             ]
         );
     }

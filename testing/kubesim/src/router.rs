@@ -27,17 +27,17 @@ pub fn router(store: Arc<Store>) -> Router {
 
 /// A resource URL, split into its parts.
 #[derive(Debug, PartialEq)]
-struct ResourcePath<'a> {
-    group: &'a str,
-    version: &'a str,
-    namespace: Option<&'a str>,
-    plural: &'a str,
-    name: Option<&'a str>,
-    subresource: Option<&'a str>,
+pub(crate) struct ResourcePath<'a> {
+    pub(crate) group: &'a str,
+    pub(crate) version: &'a str,
+    pub(crate) namespace: Option<&'a str>,
+    pub(crate) plural: &'a str,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) subresource: Option<&'a str>,
 }
 
 #[derive(Debug, PartialEq)]
-enum Route<'a> {
+pub(crate) enum Route<'a> {
     Health,
     Version,
     CoreVersions,
@@ -188,7 +188,13 @@ async fn handle(
 ) -> Response {
     tracing::debug!(%method, %uri, "request");
     let response = match parse_route(uri.path()) {
-        Some(route) => dispatch(&store, &method, &uri, &headers, &body, route),
+        Some(route) => {
+            let authorized = {
+                let state = store.lock();
+                crate::rbac::authorize(&state, &method, &headers, &query_params(&uri), &route)
+            };
+            authorized.and_then(|()| dispatch(&store, &method, &uri, &headers, &body, route))
+        }
         None => Err(ApiError::no_such_route()),
     };
     response.unwrap_or_else(|err| {
