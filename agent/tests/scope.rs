@@ -15,7 +15,7 @@ use brokkr_crds::{AGENT_LABEL, STACK_LABEL};
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use kubesim::TestCluster;
@@ -170,7 +170,21 @@ async fn an_agent_with_the_charts_namespaced_rbac_delivers_inside_refuses_outsid
     );
     let inside = Uuid::now_v7();
     let w1 = hub.publish(inside, &config_map_yaml("watched", &apps, "fast"));
-    let agent = start_agent(config, as_agent(&cluster).await).await;
+    // A real API server's authorizer follows new bindings within moments: wait for them, so
+    // that any refusal the agent meets later is the agent's own doing.
+    let client = as_agent(&cluster).await;
+    for namespace in [&apps, &cluster.namespace] {
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        eventually_within(PATIENCE, "the chart's rules to take effect", || async {
+            config_maps
+                .list(&ListParams::default())
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
+    let agent = start_agent(config, client).await;
 
     let failure = hub
         .wait_for_event(v1, EventType::Apply, EventStatus::Failure)

@@ -372,31 +372,31 @@ async fn cluster_roles_bind_groups_everywhere_or_in_one_namespace() {
         ),
     );
 
-    // A ClusterRoleBinding to system:authenticated grants everywhere, to any user.
-    let crb_name = unique_name("kubesim-rbac-");
+    // A ClusterRoleBinding grants everywhere: to a group the user is impersonated with...
+    let team = unique_name("kubesim-rbac-team-");
     let cluster_bindings: Api<ClusterRoleBinding> = Api::all(cluster.client.clone());
-    create(
-        &cluster_bindings,
+    let bind_cluster_role = |role: &str, group: &str| {
+        let name = unique_name("kubesim-rbac-");
+        cluster.delete_on_drop::<ClusterRoleBinding>(&name);
         json!({
-            "metadata": { "name": crb_name },
-            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name },
-            "subjects": [{ "kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": "system:authenticated" }],
-        }),
-    )
-    .await;
-    cluster.delete_on_drop::<ClusterRoleBinding>(&crb_name);
-    let stranger = impersonating(&cluster, "jane", &["team-a"]).await;
+            "metadata": { "name": name },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+            "subjects": [{ "kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": group }],
+        })
+    };
+    create(&cluster_bindings, bind_cluster_role(&role_name, &team)).await;
+    let member = impersonating(&cluster, "jane", &[&team]).await;
     once_allowed(
         "the ClusterRoleBinding to allow listing everywhere",
         || async {
-            Api::<ConfigMap>::all(stranger.clone())
+            Api::<ConfigMap>::all(member.clone())
                 .list(&ListParams::default())
                 .await
         },
     )
     .await;
     assert_forbidden(
-        Api::<ConfigMap>::namespaced(stranger, &ns)
+        Api::<ConfigMap>::namespaced(member, &ns)
             .create(
                 &PostParams::default(),
                 &from_json(json!({ "metadata": { "name": "x" } })),
@@ -404,6 +404,37 @@ async fn cluster_roles_bind_groups_everywhere_or_in_one_namespace() {
             .await,
         &format!(
             "configmaps is forbidden: User \"jane\" cannot create resource \"configmaps\" in API group \"\" in the namespace \"{ns}\""
+        ),
+    );
+    // ...and to system:authenticated, which every impersonated user is in (a grant harmless
+    // on a shared cluster: one ConfigMap name that exists only here).
+    let public = unique_name("kubesim-rbac-public-");
+    let config_maps: Api<ConfigMap> = cluster.api();
+    create(&config_maps, json!({ "metadata": { "name": public } })).await;
+    let reader = unique_name("kubesim-rbac-");
+    create(
+        &cluster_roles,
+        json!({
+            "metadata": { "name": reader },
+            "rules": [{ "apiGroups": [""], "resources": ["configmaps"], "resourceNames": [public], "verbs": ["get"] }],
+        }),
+    )
+    .await;
+    cluster.delete_on_drop::<ClusterRole>(&reader);
+    create(
+        &cluster_bindings,
+        bind_cluster_role(&reader, "system:authenticated"),
+    )
+    .await;
+    let anyone: Api<ConfigMap> = Api::namespaced(impersonating(&cluster, "joe", &[]).await, &ns);
+    once_allowed("system:authenticated to be granted", || async {
+        anyone.get(&public).await
+    })
+    .await;
+    assert_forbidden(
+        anyone.list(&ListParams::default()).await,
+        &format!(
+            "configmaps is forbidden: User \"joe\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"{ns}\""
         ),
     );
     cluster.cleanup().await;
