@@ -102,6 +102,12 @@ pub struct AllowedNamespaces(pub BTreeSet<String>);
 /// Parses `ns1,ns2` (spaces around names allowed); an empty list, an empty entry or a name
 /// that is no namespace name is an error naming it.
 pub fn parse_namespaces(value: &str) -> Result<AllowedNamespaces, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "it is empty: name at least one namespace, or leave it out to allow every namespace"
+                .to_owned(),
+        );
+    }
     let mut names = BTreeSet::new();
     for name in value.split(',').map(str::trim) {
         if name.is_empty() {
@@ -433,7 +439,11 @@ mod tests {
         assert!(err.contains("invalid namespace \"Kube_System\""), "{err}");
         let err = parse(&["--allowed-namespaces", "shop,,pay"]).unwrap_err();
         assert!(err.contains("empty namespace name"), "{err}");
-        assert!(parse(&["--allowed-namespaces", ""]).is_err());
+        let err = parse(&["--allowed-namespaces", " "]).unwrap_err();
+        assert!(
+            err.contains("leave it out to allow every namespace"),
+            "{err}"
+        );
         let err = parse(&["--allow-cluster-scoped", "maybe"]).unwrap_err();
         assert!(err.contains("maybe"), "{err}");
         // A bare flag takes no implicit value: it must say true or false.
