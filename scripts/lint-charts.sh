@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lints and renders the Helm charts under charts/ and checks examples/ against the CRDs
-# (scripts/lint_charts.py says what exactly). Needs python3 (3.10+) with venv, and the
+# Lints and renders the Helm charts under charts/ (scripts/lint_charts.py says what exactly;
+# e2e/tests/examples.rs checks examples/ against the CRDs). Needs python3 (3.10+) with venv, and the
 # Python package index the first time: the pinned packages of scripts/requirements-ci.txt
 # go into a venv under target/chart-lint-venv, which later runs reuse as long as that file
 # is unchanged. No cluster, Docker or helm binary is needed.
@@ -37,4 +37,4 @@ else
     echo "$want" >"$stamp"
 fi
 
-"$venv/bin/python" scripts/lint_charts.py "$@" || die "chart or example checks failed (see above)"
+"$venv/bin/python" scripts/lint_charts.py "$@" || die "chart checks failed (see above)"

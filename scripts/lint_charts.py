@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Lints and renders Brokkr's Helm charts and checks the examples against the CRDs.
+"""Lints and renders Brokkr's Helm charts.
 
 Run through scripts/lint-charts.sh, which provides the pinned dependencies
 (scripts/requirements-ci.txt): helm-python-sdk (Helm's own Go library: lint, render,
@@ -14,12 +14,11 @@ What is checked:
   seccomp, resources); the probes and the environment match what the binaries read
   (operator/src/config.rs, agent/src/config.rs); the operator's RBAC is exactly the
   documented rule set, and every rule in the RBAC templates carries a comment; invalid
-  values fail with the chart's own message;
-* examples: each CR validates against its CRD's openAPIV3Schema (with unknown fields
-  refused, as kubectl's strict field validation does; x-kubernetes-* keys are annotations,
-  the CEL rules the CRDs carry are evaluated by hand); scopes, references between the
-  examples, and the Stacks' multi-document manifests (every document has apiVersion, kind
-  and metadata.name, except in broken-stack.yaml, where one must lack kind).
+  values fail with the chart's own message.
+
+The examples (examples/*.yaml) are not checked here: e2e/tests/examples.rs applies each of
+them to the CRDs themselves (kubesim runs their schemas and CEL rules as an API server does),
+with strict field validation, and checks their references, selectors, manifests and README.
 
 Exits 1 when anything failed, after printing every failure.
 """
@@ -44,7 +43,6 @@ except ImportError as err:  # pragma: no cover - run through lint-charts.sh
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARTS = ROOT / "charts"
-EXAMPLES = ROOT / "examples"
 CRDS = CHARTS / "brokkr-operator" / "crds"
 KUBE_VERSION = "v1.30.0"
 
@@ -865,231 +863,6 @@ def check_charts() -> None:
         check_negative(chart, f"{chart}: {label}", values, expect)
 
 
-# --------------------------------------------------------------------------- examples
-
-def crd_schemas() -> dict[str, dict]:
-    """kind -> {group, versions, scope, schema} from the chart's generated CRDs."""
-    out = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        spec = crd["spec"]
-        served = {v["name"]: v for v in spec["versions"] if v.get("served")}
-        out[spec["names"]["kind"]] = {"group": spec["group"], "versions": served,
-                                      "scope": spec["scope"], "file": path.name}
-    return out
-
-
-def to_json_schema(node: Any) -> Any:
-    """An OpenAPI v3 (structural) schema as JSON Schema: x-kubernetes-* keys are dropped
-    (annotations here; the CEL rules are evaluated separately), `nullable` becomes a null
-    type, and objects with declared properties refuse unknown fields (kubectl apply
-    validates fields strictly), unless they preserve unknown fields."""
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_json_schema(v) for k, v in node.items()
-           if not k.startswith("x-kubernetes-") and k != "nullable"}
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    if ("properties" in node and "additionalProperties" not in node
-            and not node.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    return out
-
-
-def cel_rules(node: Any, path: str = "") -> list[tuple[str, str, str]]:
-    """(path, rule, message) of every x-kubernetes-validations rule under node."""
-    found = []
-    if isinstance(node, dict):
-        for rule in node.get("x-kubernetes-validations", []):
-            found.append((path, rule["rule"], rule.get("message", "")))
-        for key, child in node.get("properties", {}).items():
-            found += cel_rules(child, f"{path}.{key}")
-    return found
-
-
-# The CEL rules of the CRDs, by their exact text, as Python. A rule missing here is
-# reported as a note (not evaluated), so a new rule shows up.
-CEL = {
-    "has(self.resources) != has(self.manifests)":
-        lambda s: ("resources" in s) != ("manifests" in s),
-    "self.all(k, size(k) >= 1 && size(k) <= 64)":
-        lambda s: all(1 <= len(k) <= 64 for k in s),
-    "has(self.agentSelector) || (has(self.agents) && size(self.agents) > 0)":
-        lambda s: "agentSelector" in s or bool(s.get("agents")),
-}
-
-
-def at_path(obj: Any, path: str) -> tuple[bool, Any]:
-    for key in [p for p in path.split(".") if p]:
-        if not isinstance(obj, dict) or key not in obj:
-            return False, None
-        obj = obj[key]
-    return True, obj
-
-
-def selector_matches(selector: dict, labels: dict) -> bool:
-    if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expr in selector.get("matchExpressions", []):
-        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and labels.get(key) in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
-def check_manifests(where: str, text: str, broken: bool) -> None:
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as err:
-        R.check(False, f"{where}: spec.manifests parses as multi-document YAML", str(err))
-        return
-    R.check(True, f"{where}: spec.manifests parses as multi-document YAML")
-    lacking_kind = []
-    keys = set()
-    count = 0
-    for number, doc in enumerate(docs, start=1):
-        if doc is None:
-            continue
-        count += 1
-        if not isinstance(doc, dict):
-            R.check(False, f"{where}: document {number} is a mapping")
-            continue
-        if not doc.get("kind"):
-            lacking_kind.append(number)
-        if broken:
-            continue
-        ok = bool(doc.get("apiVersion")) and bool(doc.get("kind")) and bool(dig(doc, "metadata", "name"))
-        R.check(ok, f"{where}: document {number} has apiVersion, kind and metadata.name")
-        key = (str(doc.get("apiVersion", "")).rsplit("/", 1)[0] if "/" in str(doc.get("apiVersion", "")) else "",
-               doc.get("kind"), dig(doc, "metadata", "namespace", default=""), dig(doc, "metadata", "name"))
-        R.check(key not in keys, f"{where}: document {number} is not a duplicate")
-        keys.add(key)
-    if broken:
-        R.check(bool(lacking_kind), f"{where}: a document lacks kind (the operator answers "
-                f"Accepted=False InvalidManifest: document {lacking_kind[0] if lacking_kind else '?'}: missing kind)")
-    else:
-        R.check(count > 0, f"{where}: holds objects")
-        R.info(f"{where}: {count} objects: " + ", ".join(
-            f"{d.get('kind')} {dig(d, 'metadata', 'name')}" for d in docs if isinstance(d, dict)))
-
-
-def check_examples() -> None:
-    R.start("examples: against the CRDs")
-    crds = crd_schemas()
-    validators = {}
-    for kind, info in crds.items():
-        for version, v in info["versions"].items():
-            schema = to_json_schema(v["schema"]["openAPIV3Schema"])
-            # The API server adds these to every CRD's root schema.
-            schema.setdefault("properties", {}).update({
-                "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                "metadata": {"type": "object"}})
-            validators[(kind, f"{info['group']}/{version}")] = jsonschema.Draft7Validator(schema)
-    files = sorted(p for p in EXAMPLES.glob("*.yaml"))
-    R.check({p.name for p in files} >= {"namespace.yaml", "generator.yaml", "agents.yaml", "stack.yaml",
-                                        "agent-target.yaml", "broken-stack.yaml"},
-            "examples/ holds namespace, generator, agents, stack, agent-target and broken-stack")
-    objects: list[tuple[str, dict]] = []
-    for path in files:
-        try:
-            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-        except yaml.YAMLError as err:
-            R.check(False, f"{path.name} parses", str(err))
-            continue
-        R.check(bool(docs), f"{path.name} parses and holds objects")
-        for doc in docs:
-            objects.append((path.name, doc))
-
-    unknown_rules: set[str] = set()
-    for filename, doc in objects:
-        kind, name = doc.get("kind"), dig(doc, "metadata", "name")
-        where = f"{filename}: {kind} {name}"
-        R.check(bool(name) and bool(DNS_SUBDOMAIN.match(str(name))), f"{where}: a valid name")
-        if kind not in crds:
-            R.check(kind == "Namespace" and doc.get("apiVersion") == "v1",
-                    f"{where}: a Brokkr kind, or the demo Namespace")
-            continue
-        info = crds[kind]
-        validator = validators.get((kind, doc.get("apiVersion")))
-        if not R.check(validator is not None, f"{where}: apiVersion {doc.get('apiVersion')} is served",
-                       f"the CRD serves {sorted(info['versions'])}"):
-            continue
-        namespaced = info["scope"] == "Namespaced"
-        R.check(bool(dig(doc, "metadata", "namespace")) == namespaced,
-                f"{where}: {'namespaced' if namespaced else 'cluster-scoped'} as in {info['file']}")
-        errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-        R.check(not errors, f"{where}: validates against {info['file']}",
-                "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors))
-        schema = info["versions"][doc["apiVersion"].split("/")[1]]["schema"]["openAPIV3Schema"]
-        for path, rule, message in cel_rules(schema):
-            present, value = at_path(doc, path)
-            if not present:
-                continue
-            if rule not in CEL:
-                unknown_rules.add(rule)
-                continue
-            R.check(bool(CEL[rule](value)), f"{where}: {path or '<root>'} satisfies `{rule}`", message)
-        if kind == "Stack" and "manifests" in doc.get("spec", {}):
-            check_manifests(where, doc["spec"]["manifests"], broken=filename == "broken-stack.yaml")
-    for rule in sorted(unknown_rules):
-        R.note(f"CEL rule not evaluated (add it to CEL in scripts/lint_charts.py): {rule}")
-
-    R.start("examples: references between them")
-    by_kind: dict[str, list[dict]] = {}
-    for _, doc in objects:
-        by_kind.setdefault(doc.get("kind"), []).append(doc)
-    namespaces = {dig(d, "metadata", "name") for d in by_kind.get("Namespace", [])}
-
-    def named(kind: str, name: str, namespace: str | None) -> bool:
-        return any(dig(d, "metadata", "name") == name and dig(d, "metadata", "namespace") == namespace
-                   for d in by_kind.get(kind, []))
-
-    for _, doc in objects:
-        ns = dig(doc, "metadata", "namespace")
-        where = f"{doc.get('kind')} {dig(doc, 'metadata', 'name')}"
-        if ns:
-            R.check(ns in namespaces, f"{where}: its namespace {ns} is in namespace.yaml")
-        if doc.get("kind") == "Stack":
-            ref = dig(doc, "spec", "generatorRef", "name")
-            R.check(named("Generator", ref, ns), f"{where}: Generator {ref} exists in {ns}")
-        if doc.get("kind") == "AgentTarget":
-            ref = dig(doc, "spec", "stackRef", "name")
-            R.check(named("Stack", ref, ns), f"{where}: Stack {ref} exists in {ns}")
-            selected = {dig(a, "metadata", "name") for a in by_kind.get("Agent", [])
-                        if "agentSelector" in doc["spec"]
-                        and selector_matches(doc["spec"]["agentSelector"], dig(a, "metadata", "labels", default={}))}
-            for agent in doc["spec"].get("agents", []):
-                R.check(named("Agent", agent, None), f"{where}: Agent {agent} exists")
-                selected.add(agent)
-            R.check(len(selected) >= 2, f"{where}: selects the example Agents", repr(sorted(selected)))
-            R.info(f"{where} selects {sorted(selected)}")
-
-    R.start("examples: README")
-    readme = (EXAMPLES / "README.md").read_text()
-    mentioned = set(re.findall(r"examples/([A-Za-z0-9_.-]+\.yaml)", readme))
-    R.check(mentioned <= {p.name for p in files}, "README names only files that exist",
-            repr(sorted(mentioned - {p.name for p in files})))
-    R.check({p.name for p in files} <= mentioned, "README uses every example",
-            repr(sorted({p.name for p in files} - mentioned)))
-    for needle in ("kubectl get stacks -n brokkr-demo", "kubectl describe stack broken -n brokkr-demo",
-                   "-o jsonpath='{.data.pak}' | base64 -d", "helm install brokkr-agent charts/brokkr-agent",
-                   "--set hub.url=", "--set agentName=", "--set agentKey.value="):
-        R.check(needle in readme, f"README shows `{needle}`")
-    columns = re.search(r"^NAME\s+GENERATOR\s+TARGETS\s+READY\s+SEQ\s+AGE$", readme, re.M)
-    printer = [c["name"].upper() for c in
-               crds["Stack"]["versions"]["v1alpha1"]["additionalPrinterColumns"]]
-    R.check(bool(columns) and printer == ["GENERATOR", "TARGETS", "READY", "SEQ", "AGE"],
-            "README's `kubectl get stacks` columns are the CRD's printer columns", repr(printer))
-
-
 # --------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -1099,7 +872,6 @@ def main() -> int:
           f"jsonschema {version('jsonschema')}, PyYAML {version('PyYAML')}; "
           f"linting for Kubernetes {KUBE_VERSION}")
     check_charts()
-    check_examples()
     R.end()
     elapsed = time.monotonic() - started
     print()

@@ -10,6 +10,7 @@
 //! throwaway namespace.
 
 mod apply;
+mod cel;
 mod rbac;
 mod resources;
 mod router;

@@ -1,6 +1,8 @@
 //! Just enough OpenAPI v3 for custom resources: pruning of unknown fields, `type`, `required`,
-//! `enum`, `nullable`, `x-kubernetes-int-or-string`, `x-kubernetes-preserve-unknown-fields`.
-//! Formats, patterns, bounds and CEL rules are not checked.
+//! `enum`, `nullable`, `x-kubernetes-int-or-string`, `x-kubernetes-preserve-unknown-fields`,
+//! bounds (lengths, item and property counts, minimum and maximum), and the undeclared fields
+//! a server-side apply is refused for. Formats and patterns are not checked; CEL rules are in
+//! [`crate::cel`].
 
 use serde_json::{Value, json};
 
@@ -43,6 +45,57 @@ fn prune_node(schema: &Value, value: &mut Value, root: bool) {
                 items
                     .iter_mut()
                     .for_each(|item| prune_node(item_schema, item, false));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The fields of `object` that `schema` does not declare (what [`prune`] would drop), as
+/// structured-merge-diff names them: `.spec.extra`, `.spec.items[0].extra`. `metadata` is not
+/// looked into.
+pub fn undeclared_fields(schema: &Value, object: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    undeclared_node(schema, object, "", true, &mut found);
+    found
+}
+
+fn undeclared_node(schema: &Value, value: &Value, path: &str, root: bool, found: &mut Vec<String>) {
+    if schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties");
+            for (key, child) in map {
+                if root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let child_path = format!("{path}.{key}");
+                match properties.and_then(|p| p.get(key)) {
+                    Some(child_schema) => {
+                        undeclared_node(child_schema, child, &child_path, false, found)
+                    }
+                    None => match additional {
+                        Some(Value::Bool(true)) => {}
+                        Some(child_schema @ Value::Object(_)) => {
+                            undeclared_node(child_schema, child, &child_path, false, found)
+                        }
+                        _ => found.push(child_path),
+                    },
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    undeclared_node(item_schema, item, &format!("{path}[{i}]"), false, found);
+                }
             }
         }
         _ => {}
@@ -116,44 +169,151 @@ fn validate_node(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cau
             field: path.to_string(),
         });
     }
+    check_bounds(schema, value, path, causes);
+    if let Value::Object(map) = value {
+        for required in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = required.as_str()
+                && !map.contains_key(name)
+            {
+                causes.push(Cause {
+                    reason: "FieldValueRequired",
+                    message: "Required value".into(),
+                    field: child_path(path, name),
+                });
+            }
+        }
+    }
+    for (step, child_schema, child) in described_children(schema, value, path.is_empty()) {
+        validate_node(child_schema, child, &step.path(path), causes);
+    }
+}
+
+/// One step from a value down to a child: a field of an object or an item of a list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step<'a> {
+    Field(&'a str),
+    Index(usize),
+}
+
+impl Step<'_> {
+    /// The child's field path under `parent`: `spec.image`, `spec.tags[1]`.
+    pub fn path(&self, parent: &str) -> String {
+        match self {
+            Step::Field(key) => child_path(parent, key),
+            Step::Index(i) => format!("{parent}[{i}]"),
+        }
+    }
+}
+
+/// The children of `value` that `schema` describes (through `properties`, an
+/// `additionalProperties` schema or `items`), each with its schema. At the root, `apiVersion`,
+/// `kind` and `metadata` are left out.
+pub fn described_children<'a>(
+    schema: &'a Value,
+    value: &'a Value,
+    root: bool,
+) -> Vec<(Step<'a>, &'a Value, &'a Value)> {
     match value {
         Value::Object(map) => {
-            let root = path.is_empty();
-            for required in schema
-                .get("required")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(name) = required.as_str()
-                    && !map.contains_key(name)
-                {
-                    causes.push(Cause {
-                        reason: "FieldValueRequired",
-                        message: "Required value".into(),
-                        field: child_path(path, name),
-                    });
-                }
-            }
             let properties = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
-            for (key, child) in map {
-                if root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
-                    continue;
-                }
-                if let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) {
-                    validate_node(child_schema, child, &child_path(path, key), causes);
+            map.iter()
+                .filter(|(key, _)| {
+                    !(root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata"))
+                })
+                .filter_map(|(key, child)| {
+                    let child_schema = properties.and_then(|p| p.get(key)).or(additional)?;
+                    Some((Step::Field(key.as_str()), child_schema, child))
+                })
+                .collect()
+        }
+        Value::Array(items) => match schema.get("items") {
+            Some(item_schema) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (Step::Index(i), item_schema, item))
+                .collect(),
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// `maxLength`, `minLength`, `maxItems`, `minItems`, `maxProperties`, `minProperties`,
+/// `maximum`, `minimum` (and their `exclusive*` forms), with the API server's reasons and
+/// messages (kube-openapi's, as apiextensions-apiserver converts them).
+fn check_bounds(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let limit = |key: &str| schema.get(key).and_then(Value::as_u64);
+    let mut invalid = |what: String| {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {value}: {path} in body {what}"),
+            field: path.to_string(),
+        })
+    };
+    let (count, noun) = match value {
+        Value::String(s) => (s.chars().count() as u64, "chars long"),
+        Value::Array(items) => (items.len() as u64, "items"),
+        Value::Object(map) => (map.len() as u64, "properties"),
+        Value::Number(n) => {
+            let Some(x) = n.as_f64() else { return };
+            let exclusive = |key: &str| schema.get(key).and_then(Value::as_bool) == Some(true);
+            if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
+                if exclusive("exclusiveMinimum") && x <= min {
+                    invalid(format!("should be greater than {min}"));
+                } else if x < min {
+                    invalid(format!("should be greater than or equal to {min}"));
                 }
             }
-        }
-        Value::Array(items) => {
-            if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    validate_node(item_schema, item, &format!("{path}[{i}]"), causes);
+            if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
+                if exclusive("exclusiveMaximum") && x >= max {
+                    invalid(format!("should be less than {max}"));
+                } else if x > max {
+                    invalid(format!("should be less than or equal to {max}"));
                 }
             }
+            return;
         }
-        _ => {}
+        _ => return,
+    };
+    let (max_key, min_key) = match value {
+        Value::String(_) => ("maxLength", "minLength"),
+        Value::Array(_) => ("maxItems", "minItems"),
+        _ => ("maxProperties", "minProperties"),
+    };
+    if let Some(min) = limit(min_key)
+        && count < min
+    {
+        let at_least = if noun == "chars long" {
+            format!("should be at least {min} chars long")
+        } else {
+            format!("should have at least {min} {noun}")
+        };
+        invalid(at_least);
+    }
+    if let Some(max) = limit(max_key)
+        && count > max
+    {
+        let (reason, message) = match value {
+            Value::String(_) => (
+                "FieldValueTooLong",
+                format!("Too long: may not be more than {max} bytes"),
+            ),
+            _ => (
+                "FieldValueTooMany",
+                format!("Too many: {count}: must have at most {max} items"),
+            ),
+        };
+        causes.push(Cause {
+            reason,
+            message,
+            field: path.to_string(),
+        });
     }
 }
 
@@ -324,6 +484,61 @@ mod tests {
                 "spec": { "image": "i", "env": { "A": "1" }, "free": { "kept": 1 } },
             })
         );
+    }
+
+    #[test]
+    fn bounds_are_checked_with_the_api_servers_reasons() {
+        let schema = json!({ "type": "object", "properties": {
+            "name": { "type": "string", "minLength": 1, "maxLength": 3 },
+            "tags": { "type": "array", "minItems": 1, "maxItems": 2, "items": { "type": "string" } },
+            "env": { "type": "object", "maxProperties": 1, "additionalProperties": { "type": "string" } },
+            "replicas": { "type": "integer", "minimum": 1, "maximum": 10, "exclusiveMaximum": true },
+        } });
+        let ok = json!({ "name": "äbc", "tags": ["a"], "env": { "A": "1" }, "replicas": 9 });
+        assert_eq!(fields(&validate(&schema, &ok)), []);
+        let causes = validate(
+            &schema,
+            &json!({ "name": "", "tags": [], "env": { "A": "1", "B": "2" }, "replicas": 10 }),
+        );
+        assert_eq!(
+            fields(&causes),
+            [
+                ("env", "FieldValueTooMany"),
+                ("name", "FieldValueInvalid"),
+                ("replicas", "FieldValueInvalid"),
+                ("tags", "FieldValueInvalid"),
+            ]
+        );
+        assert_eq!(causes[0].message, "Too many: 2: must have at most 1 items");
+        assert_eq!(
+            causes[1].message,
+            "Invalid value: \"\": name in body should be at least 1 chars long"
+        );
+        let causes = validate(&schema, &json!({ "name": "abcd", "replicas": 0 }));
+        assert_eq!(
+            fields(&causes),
+            [
+                ("name", "FieldValueTooLong"),
+                ("replicas", "FieldValueInvalid")
+            ]
+        );
+        assert_eq!(causes[0].message, "Too long: may not be more than 3 bytes");
+    }
+
+    #[test]
+    fn undeclared_fields_are_named_as_structured_merge_diff_does() {
+        let object = json!({
+            "apiVersion": "x/v1", "kind": "W", "metadata": { "name": "w", "odd": 1 }, "extra": 1,
+            "spec": { "image": "i", "unknown": 1, "env": { "A": "1" }, "free": { "kept": 1 } },
+            "status": { "ready": true, "phase": "x" },
+        });
+        assert_eq!(
+            undeclared_fields(&schema(), &object),
+            [".extra", ".spec.unknown", ".status.phase"]
+        );
+        let mut pruned = object.clone();
+        prune(&schema(), &mut pruned);
+        assert_eq!(undeclared_fields(&schema(), &pruned), Vec::<String>::new());
     }
 
     #[test]

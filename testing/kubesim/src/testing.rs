@@ -1,6 +1,6 @@
 //! Test support shared by the conformance suite and other crates' controller tests: a cluster
 //! that is kubesim by default and a real one when a kubeconfig variable says so, with a
-//! throwaway namespace, plus polling helpers.
+//! throwaway namespace, plus polling helpers and CRD installation.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource};
 
@@ -191,6 +194,59 @@ async fn delete_all(client: &Client, namespace: &str, paths: &[String]) {
         .await
     {
         eprintln!("kubesim: deleting test namespace {namespace}: {e}");
+    }
+}
+
+/// Creates or updates `crd` (server-side apply, forced) and waits until it is Established and
+/// each served version lists (a real server serves a new resource a moment after Established).
+pub async fn install_crd(client: &Client, crd: &CustomResourceDefinition) {
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let mut body =
+        serde_json::to_value(crd).unwrap_or_else(|e| panic!("CRD {name} does not serialize: {e}"));
+    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    body["kind"] = "CustomResourceDefinition".into();
+    if let Some(meta) = body.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    body.as_object_mut().map(|o| o.remove("status"));
+    crds.patch(
+        &name,
+        &PatchParams::apply("kubesim-test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("installing CRD {name}: {e}"));
+    eventually(&format!("CRD {name} to be Established"), || async {
+        let crd = crds.get(&name).await.ok()?;
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+    for version in crd.spec.versions.iter().filter(|v| v.served) {
+        let resource = ApiResource {
+            group: crd.spec.group.clone(),
+            version: version.name.clone(),
+            api_version: format!("{}/{}", crd.spec.group, version.name),
+            kind: crd.spec.names.kind.clone(),
+            plural: crd.spec.names.plural.clone(),
+        };
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        eventually(
+            &format!("{} to be served", resource.api_version),
+            || async {
+                api.list(&ListParams::default().limit(1))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
     }
 }
 

@@ -544,18 +544,23 @@ pub fn patch_error(patched: &Value, error: &TypeError) -> ApiError {
     )
 }
 
+/// structured-merge-diff's message for each type error, as in [`apply_error`].
+pub fn smd_messages(errors: &[TypeError]) -> Vec<std::string::String> {
+    errors.iter().map(TypeError::smd_message).collect()
+}
+
 /// The error a server-side apply gets: structured-merge-diff cannot type the apply
-/// configuration. The API server returns it as a plain error: 500 with no reason (through 1.33
-/// at least; kubernetes/kubernetes#139253).
+/// configuration (`messages`: [`smd_messages`], or `.spec.x: field not declared in schema` for
+/// a custom resource). The API server returns it as a plain error: 500 with no reason (through
+/// 1.33 at least; kubernetes/kubernetes#139253).
 pub fn apply_error(
     rt: &ResourceType,
     version: &str,
     namespace: &str,
     name: &str,
-    errors: &[TypeError],
+    messages: &[std::string::String],
 ) -> ApiError {
-    let messages: Vec<std::string::String> = errors.iter().map(TypeError::smd_message).collect();
-    let summary = match messages.as_slice() {
+    let summary = match messages {
         [one] => one.clone(),
         many => format!("errors:\n  {}", many.join("\n  ")),
     };

@@ -139,22 +139,9 @@ impl Widgets {
                 "versions": [version],
             },
         }));
-        let crds = Api::<CustomResourceDefinition>::all(cluster.client.clone());
         cluster.delete_on_drop::<CustomResourceDefinition>(&crd_name);
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .unwrap_or_else(|e| panic!("creating CRD {crd_name}: {e}"));
-        eventually("the CRD to be Established", || async {
-            let crd = crds.get(&crd_name).await.ok()?;
-            let established = crd
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
-        })
-        .await;
-        let widgets = Widgets {
+        kubesim::testing::install_crd(&cluster.client, &crd).await;
+        Widgets {
             resource: ApiResource {
                 group: group.clone(),
                 version: "v1".into(),
@@ -164,14 +151,7 @@ impl Widgets {
             },
             crd_name,
             namespaced,
-        };
-        // A real apiserver serves the new resource a moment after Established.
-        let api = widgets.api(cluster);
-        eventually("the custom resource to be served", || async {
-            api.list(&ListParams::default()).await.ok().map(|_| ())
-        })
-        .await;
-        widgets
+        }
     }
 
     fn api(&self, cluster: &TestCluster) -> Api<DynamicObject> {
@@ -2060,4 +2040,333 @@ async fn the_kubeconfig_file_reaches_the_same_cluster() {
             .expect("get")
             .is_some()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRD validation rules (CEL) and undeclared fields
+
+/// The chart's Brokkr CRDs (`charts/brokkr-operator/crds/`), moved to a group unique to this
+/// run so that a real cluster's own Brokkr CRDs are left alone, installed, and deleted with the
+/// cluster. Returns each kind's resource and its CRD.
+async fn install_brokkr_crds(cluster: &TestCluster) -> Vec<(ApiResource, bool, Value)> {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../charts/brokkr-operator/crds"
+    );
+    let group = format!("{}.kubesim.example.com", unique_name("brokkr"));
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    paths.sort();
+    let mut installed = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).expect("readable CRD");
+        let mut crd: Value = serde_yaml::from_str(&text).expect("a CRD in YAML");
+        crd["spec"]["group"] = json!(group);
+        let plural = crd["spec"]["names"]["plural"]
+            .as_str()
+            .expect("plural")
+            .to_string();
+        crd["metadata"] = json!({ "name": format!("{plural}.{group}") });
+        let typed: CustomResourceDefinition = from_json(crd.clone());
+        cluster.delete_on_drop::<CustomResourceDefinition>(&format!("{plural}.{group}"));
+        kubesim::testing::install_crd(&cluster.client, &typed).await;
+        let version = crd["spec"]["versions"][0]["name"]
+            .as_str()
+            .expect("version");
+        let resource = ApiResource {
+            group: group.clone(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: crd["spec"]["names"]["kind"].as_str().expect("kind").into(),
+            plural,
+        };
+        let namespaced = crd["spec"]["scope"] == "Namespaced";
+        installed.push((resource, namespaced, crd));
+    }
+    installed
+}
+
+/// `(field path, rule, message)` of every `x-kubernetes-validations` rule under `schema`.
+fn cel_rules(schema: &Value, path: &str, found: &mut Vec<(String, String, String)>) {
+    for rule in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        found.push((
+            path.to_string(),
+            rule["rule"].as_str().unwrap_or_default().to_string(),
+            rule["message"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    for (name, child) in schema["properties"].as_object().into_iter().flatten() {
+        let child_path = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}.{name}")
+        };
+        cel_rules(child, &child_path, found);
+    }
+}
+
+/// For each rule of the Brokkr CRDs, by kind and rule text: a valid `spec`, and specs that
+/// break the rule.
+fn brokkr_rule_cases() -> Vec<(&'static str, &'static str, Value, Vec<Value>)> {
+    let long_key = "k".repeat(65);
+    let stack = json!({ "generatorRef": { "name": "g" }, "manifests": "" });
+    let agent = json!({ "clusterName": "c" });
+    let with = |base: &Value, extra: Value| {
+        let mut spec = base.clone();
+        for (k, v) in extra.as_object().expect("an object") {
+            spec[k] = v.clone();
+        }
+        spec
+    };
+    vec![
+        (
+            "Stack",
+            "has(self.resources) != has(self.manifests)",
+            stack.clone(),
+            vec![
+                with(&stack, json!({ "resources": [] })),
+                json!({ "generatorRef": { "name": "g" } }),
+            ],
+        ),
+        (
+            "Stack",
+            "self.all(k, size(k) >= 1 && size(k) <= 64)",
+            with(
+                &stack,
+                json!({ "annotations": { "k".repeat(64): "v", "a": "b" } }),
+            ),
+            vec![
+                with(&stack, json!({ "annotations": { long_key.clone(): "v" } })),
+                with(&stack, json!({ "annotations": { "": "v" } })),
+            ],
+        ),
+        (
+            "Agent",
+            "self.all(k, size(k) >= 1 && size(k) <= 64)",
+            with(&agent, json!({ "annotations": { "owner": "team" } })),
+            vec![with(&agent, json!({ "annotations": { long_key: "v" } }))],
+        ),
+        (
+            "AgentTarget",
+            "has(self.agentSelector) || (has(self.agents) && size(self.agents) > 0)",
+            json!({ "stackRef": { "name": "s" }, "agents": ["a"] }),
+            vec![
+                json!({ "stackRef": { "name": "s" } }),
+                json!({ "stackRef": { "name": "s" }, "agents": [] }),
+            ],
+        ),
+        (
+            "AgentTarget",
+            "has(self.agentSelector) || (has(self.agents) && size(self.agents) > 0)",
+            json!({ "stackRef": { "name": "s" }, "agentSelector": { "matchLabels": { "env": "prod" } } }),
+            vec![],
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_brokkr_crds_validation_rules_refuse_what_they_forbid() {
+    let cluster = TestCluster::new().await;
+    let crds = install_brokkr_crds(&cluster).await;
+    let cases = brokkr_rule_cases();
+    let apply = PatchParams::apply("kubesim-conformance").validation_strict();
+    let mut checked = 0;
+    for (resource, namespaced, crd) in &crds {
+        let api: Api<DynamicObject> = if *namespaced {
+            Api::namespaced_with(cluster.client.clone(), &cluster.namespace, resource)
+        } else {
+            Api::all_with(cluster.client.clone(), resource)
+        };
+        let mut rules = Vec::new();
+        cel_rules(
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            "",
+            &mut rules,
+        );
+        for (path, rule, message) in rules {
+            let kind = resource.kind.as_str();
+            let mine: Vec<_> = cases
+                .iter()
+                .filter(|c| c.0 == kind && c.1 == rule)
+                .collect();
+            assert!(
+                !mine.is_empty(),
+                "{kind} has the rule `{rule}` on {path}: add a case to brokkr_rule_cases"
+            );
+            for (i, (_, _, valid, violating)) in mine.into_iter().enumerate() {
+                let name = unique_name(&format!("{}-", kind.to_lowercase()));
+                let object = |spec: &Value| {
+                    let mut object = DynamicObject::new(&name, resource);
+                    object.data = json!({ "spec": spec });
+                    object
+                };
+                api.patch(&name, &apply, &Patch::Apply(&object(valid)))
+                    .await
+                    .unwrap_or_else(|e| panic!("{kind} case {i} {valid} is valid: {e}"));
+                for spec in violating {
+                    let status =
+                        api_error(api.patch(&name, &apply, &Patch::Apply(&object(spec))).await);
+                    assert_eq!(
+                        (status.code, status.reason.as_str()),
+                        (422, "Invalid"),
+                        "{status:?}"
+                    );
+                    assert!(status.message.contains(&message), "{spec}: {status:?}");
+                    let causes = status.details.map(|d| d.causes).unwrap_or_default();
+                    assert!(causes.iter().any(|c| c.field == path), "{spec}: {causes:?}");
+                    let status = api_error(api.create(&PostParams::default(), &object(spec)).await);
+                    assert_eq!(status.code, 422, "a create of {spec}: {status:?}");
+                    checked += 1;
+                }
+                api.delete(&name, &DeleteParams::default())
+                    .await
+                    .expect("delete");
+            }
+        }
+    }
+    assert_eq!(
+        checked,
+        cases.iter().map(|c| c.3.len()).sum::<usize>(),
+        "every case names a rule the CRDs carry"
+    );
+}
+
+#[tokio::test]
+async fn a_crd_whose_validation_rule_does_not_compile_is_refused() {
+    let cluster = TestCluster::new().await;
+    let group = format!("{}.kubesim.example.com", unique_name("t"));
+    let crd_name = format!("widgets.{group}");
+    let crd: CustomResourceDefinition = from_json(json!({
+        "metadata": { "name": crd_name },
+        "spec": {
+            "group": group, "scope": "Namespaced",
+            "names": { "kind": "Widget", "plural": "widgets" },
+            "versions": [{ "name": "v1", "served": true, "storage": true, "schema": { "openAPIV3Schema": {
+                "type": "object",
+                "properties": { "spec": {
+                    "type": "object",
+                    "properties": { "image": { "type": "string" } },
+                    "x-kubernetes-validations": [{ "rule": "self.image ==" }],
+                } },
+            } } }],
+        },
+    }));
+    cluster.delete_on_drop::<CustomResourceDefinition>(&crd_name);
+    let crds = Api::<CustomResourceDefinition>::all(cluster.client.clone());
+    let status = api_error(crds.create(&PostParams::default(), &crd).await);
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (422, "Invalid"),
+        "{status:?}"
+    );
+    assert_mentions(
+        &status,
+        &["x-kubernetes-validations[0].rule", "compilation failed"],
+    );
+    assert!(crds.get_opt(&crd_name).await.expect("get").is_none());
+}
+
+#[tokio::test]
+async fn server_side_apply_refuses_fields_a_crd_does_not_declare() {
+    let cluster = TestCluster::new().await;
+    let widgets = Widgets::create(&cluster, false).await;
+    let api = widgets.api(&cluster);
+    // Whatever fieldValidation says: structured-merge-diff types the apply configuration.
+    for params in [
+        PatchParams::apply("kubesim-conformance"),
+        PatchParams::apply("kubesim-conformance").validation_strict(),
+    ] {
+        let status = api_error(
+            api.patch(
+                "extra",
+                &params,
+                &Patch::Apply(&widgets.object("extra", json!({ "image": "i", "undeclared": 1 }))),
+            )
+            .await,
+        );
+        assert_apply_type_error(&status, ".spec.undeclared: field not declared in schema");
+    }
+    assert!(api.get_opt("extra").await.expect("get").is_none());
+    api.patch(
+        "extra",
+        &PatchParams::apply("kubesim-conformance").validation_strict(),
+        &Patch::Apply(&widgets.object("extra", json!({ "image": "i", "tags": ["a"] }))),
+    )
+    .await
+    .expect("declared fields only");
+}
+
+#[tokio::test]
+async fn crd_schema_bounds_refuse_values_out_of_range() {
+    let cluster = TestCluster::new().await;
+    let crds = install_brokkr_crds(&cluster).await;
+    let (resource, _, _) = crds
+        .iter()
+        .find(|(r, _, _)| r.kind == "Agent")
+        .expect("the Agent CRD");
+    let agents: Api<DynamicObject> = Api::all_with(cluster.client.clone(), resource);
+    let name = unique_name("agent-");
+    let agent = |spec: Value| {
+        let mut object = DynamicObject::new(&name, resource);
+        object.data = json!({ "spec": spec });
+        object
+    };
+    let apply = PatchParams::apply("kubesim-conformance").validation_strict();
+    let many: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for (spec, field, reason) in [
+        (
+            json!({ "clusterName": "" }),
+            "spec.clusterName",
+            "FieldValueInvalid",
+        ),
+        (
+            json!({ "clusterName": "c".repeat(256) }),
+            "spec.clusterName",
+            "FieldValueTooLong",
+        ),
+        (
+            json!({ "clusterName": "c", "annotations": many }),
+            "spec.annotations",
+            "FieldValueTooMany",
+        ),
+        (
+            json!({ "clusterName": "c", "annotations": { "k": "v".repeat(65) } }),
+            "spec.annotations.k",
+            "FieldValueTooLong",
+        ),
+    ] {
+        let status = api_error(
+            agents
+                .patch(&name, &apply, &Patch::Apply(&agent(spec.clone())))
+                .await,
+        );
+        assert_eq!(
+            (status.code, status.reason.as_str()),
+            (422, "Invalid"),
+            "{spec}: {status:?}"
+        );
+        let causes = status.details.map(|d| d.causes).unwrap_or_default();
+        assert!(
+            causes
+                .iter()
+                .any(|c| c.field == field && c.reason == reason),
+            "{spec}: {causes:?}"
+        );
+    }
+    agents
+        .patch(
+            &name,
+            &apply,
+            &Patch::Apply(&agent(json!({ "clusterName": "c".repeat(255) }))),
+        )
+        .await
+        .expect("a name of 255 characters");
 }

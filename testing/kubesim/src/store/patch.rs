@@ -6,6 +6,7 @@ use serde_json::Value;
 use super::write::check_body_identity;
 use super::{Ownership, PatchType, State, Target, meta_str, now};
 use crate::apply::{self, Writer};
+use crate::schema;
 use crate::status::{ApiError, Cause};
 use crate::typed;
 
@@ -143,15 +144,29 @@ impl State {
                 }
             }
         }
-        let type_errors = typed::check(&target.rt, &config);
-        if !type_errors.is_empty() {
+        let mut messages = typed::smd_messages(&typed::check(&target.rt, &config));
+        // Custom resources: structured-merge-diff types the configuration with the CRD's
+        // schema, so a field it does not declare is refused whatever `fieldValidation` says.
+        if let Some(schema) = target
+            .rt
+            .custom
+            .as_ref()
+            .and_then(|c| c.schemas.get(&target.version))
+        {
+            messages.extend(
+                schema::undeclared_fields(schema, &config)
+                    .iter()
+                    .map(|path| format!("{path}: field not declared in schema")),
+            );
+        }
+        if !messages.is_empty() {
             let namespace = target.namespace.as_deref().unwrap_or_default();
             return Err(typed::apply_error(
                 &target.rt,
                 &target.version,
                 namespace,
                 name,
-                &type_errors,
+                &messages,
             ));
         }
         check_body_identity(target, name, &config)?;

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::{Key, Ownership, State, Target, finalizers, is_deleting, meta_str, metadata_mut, now};
 use crate::apply::{self, Writer};
+use crate::cel;
 use crate::resources::ResourceType;
 use crate::schema;
 use crate::status::{ApiError, Cause, ResourceRef};
@@ -165,7 +166,11 @@ impl State {
         }
 
         self.default_fields(target, current.as_ref(), &mut object);
-        self.validate(target, &name, &mut object)?;
+        self.validate(target, &name, &mut object, current.as_ref())?;
+        // As the API server: storage finds the name taken only after validation passed.
+        if current.is_none() && self.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(rt.reference(), &key.name));
+        }
 
         if rt.tracks_generation {
             let generation = match &current {
@@ -295,23 +300,30 @@ impl State {
                     .unwrap_or_default()
             )));
         }
-        if self.objects.contains_key(key) {
-            return Err(ApiError::already_exists(rt.reference(), &key.name));
-        }
         Ok(())
     }
 
-    fn validate(&self, target: &Target, name: &str, object: &mut Value) -> Result<(), ApiError> {
+    fn validate(
+        &self,
+        target: &Target,
+        name: &str,
+        object: &mut Value,
+        current: Option<&Value>,
+    ) -> Result<(), ApiError> {
         let rt = &target.rt;
         let causes = if rt.is_crd() {
-            schema::validate_crd(object)
+            let mut causes = schema::validate_crd(object);
+            causes.extend(cel::check_crd(object));
+            causes
         } else if let Some(schema) = rt
             .custom
             .as_ref()
             .and_then(|c| c.schemas.get(&target.version))
         {
             schema::prune(schema, object);
-            schema::validate(schema, object)
+            let mut causes = schema::validate(schema, object);
+            causes.extend(cel::validate_after(&causes, schema, object, current));
+            causes
         } else {
             Vec::new()
         };
