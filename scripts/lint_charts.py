@@ -588,7 +588,9 @@ def expected_operator_rules(install_crds: bool) -> set[tuple]:
              {"apiGroups": ["brokkr.io"], "resources": ["generators/finalizers", "agents/finalizers"],
               "verbs": ["update"]},
              {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
-             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}]
+             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+             # Hub Namespaces' labels decide which Agents accept their AgentTargets.
+             {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}]
     if install_crds:
         rules.append({"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
                       "verbs": ["get", "list", "watch", "create", "patch"]})

@@ -398,20 +398,14 @@ async fn agent_targets_follow_names_selectors_and_label_changes() {
     let prod = hub.create_agent("prod", &[("env", "prod")]).await;
     let dev = hub.create_agent("dev", &[("env", "dev")]).await;
     let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
-    let target = AgentTarget::new(
+    create_target(
+        &hub,
         "prod-only",
-        AgentTargetSpec {
-            stack_ref: brokkr_crds::StackRef {
-                name: "shop".into(),
-            },
-            agent_selector: Some(serde_yaml::from_str("matchLabels: {env: prod}").unwrap()),
-            ..Default::default()
-        },
-    );
-    hub.api::<AgentTarget>()
-        .create(&PostParams::default(), &target)
-        .await
-        .unwrap();
+        "shop",
+        &[],
+        Some("matchLabels: {env: prod}"),
+    )
+    .await;
 
     let agent_id = |agent: &Agent| {
         let store = hub.store.clone();
@@ -502,24 +496,14 @@ async fn restarting_the_controllers_never_shrinks_or_rewrites_a_target_set() {
             .await;
     }
     let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
-    hub.api::<AgentTarget>()
-        .create(
-            &PostParams::default(),
-            &AgentTarget::new(
-                "edges",
-                AgentTargetSpec {
-                    stack_ref: brokkr_crds::StackRef {
-                        name: "shop".into(),
-                    },
-                    agent_selector: Some(
-                        serde_yaml::from_str("matchLabels: {fleet: edge}").unwrap(),
-                    ),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await
-        .unwrap();
+    create_target(
+        &hub,
+        "edges",
+        "shop",
+        &[],
+        Some("matchLabels: {fleet: edge}"),
+    )
+    .await;
     let conn = hub.db.conn().clone();
     let rows = move || {
         let db = conn.clone();
@@ -651,6 +635,302 @@ async fn agent_targets_naming_missing_stacks_or_agents_say_so() {
             .contains("ghost")
     );
     hub.stop().await;
+}
+
+async fn target_status_when(
+    hub: &Hub,
+    name: &str,
+    what: &str,
+    check: impl Fn(&brokkr_crds::AgentTargetStatus) -> bool,
+) -> brokkr_crds::AgentTargetStatus {
+    let api = hub.api::<AgentTarget>();
+    eventually(what, || {
+        let api = api.clone();
+        let check = &check;
+        async move {
+            api.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| t.status)
+                .filter(|s| check(s))
+        }
+    })
+    .await
+}
+
+fn ready_reason(status: &brokkr_crds::AgentTargetStatus) -> Option<&str> {
+    condition(&status.conditions, "Ready").map(|c| c.reason.as_str())
+}
+
+async fn targeted_ids(hub: &Hub, stack_id: uuid::Uuid) -> BTreeSet<uuid::Uuid> {
+    hub.store.stack_target_agent_ids(stack_id).await.unwrap()
+}
+
+async fn agent_row_id(hub: &Hub, agent: &Agent) -> uuid::Uuid {
+    let uid = uuid::Uuid::parse_str(&agent.uid().unwrap()).unwrap();
+    eventually("agent row", || async {
+        hub.store
+            .find_live_agent_by_resource(uid)
+            .await
+            .unwrap()
+            .map(|a| a.id)
+    })
+    .await
+}
+
+fn targetable_from(yaml: &str) -> Option<brokkr_crds::TargetableFrom> {
+    Some(serde_yaml::from_str(yaml).unwrap())
+}
+
+/// The `NotPermitted` Warning Events about AgentTarget `name`, with how often each was
+/// reported (an Event repeated by the recorder counts in its series).
+async fn not_permitted_events(hub: &Hub, name: &str) -> Vec<(String, i32)> {
+    hub.warning_events_for(name)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("NotPermitted"))
+        .map(|e| {
+            let count = e.series.as_ref().map_or(1, |s| s.count);
+            (e.note.unwrap_or_default(), count)
+        })
+        .collect()
+}
+
+/// The `TargetingRefused` rows of the audit log.
+async fn refusals_recorded(hub: &Hub) -> Vec<brokkr_operator::store::audit::AuditRecord> {
+    let query = brokkr_operator::store::audit::AuditQuery {
+        kind: Some("AgentTarget".into()),
+        ..Default::default()
+    };
+    let rows = hub.store.audit_entries(&query).await.unwrap();
+    rows.into_iter()
+        .filter(|row| row.action == brokkr_operator::store::audit::actions::TARGETING_REFUSED)
+        .collect()
+}
+
+/// An AgentTarget outside the operator's namespace delivers only to Agents that list its
+/// namespace: the others are named as refused, with a condition and one Warning Event,
+/// and get no target rows until their owner grants the namespace.
+#[tokio::test]
+async fn agent_targets_from_a_tenant_namespace_deliver_only_to_agents_that_admit_it() {
+    // No periodic resync: what happens follows from the watches alone.
+    let hub = Hub::start_for_tenant(Duration::from_secs(600)).await;
+    let tenant = hub.namespace().to_owned();
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    // Without spec.targetableFrom: only the operator's namespace may target it.
+    let closed = hub.create_agent("closed", &[("fleet", "edge")]).await;
+    let open = hub
+        .create_agent_targetable_from(
+            "open",
+            &[("fleet", "edge")],
+            targetable_from(&format!("namespaces: [{tenant}]")),
+        )
+        .await;
+    let closed_id = agent_row_id(&hub, &closed).await;
+    let open_id = agent_row_id(&hub, &open).await;
+    create_target(
+        &hub,
+        "edges",
+        "shop",
+        &[],
+        Some("matchLabels: {fleet: edge}"),
+    )
+    .await;
+
+    let status = target_status_when(&hub, "edges", "NotPermitted", |s| {
+        ready_reason(s) == Some("NotPermitted")
+    })
+    .await;
+    assert_eq!(status.refused_agents, vec![closed.name_any()]);
+    assert_eq!(status.agent_names, vec![open.name_any()]);
+    assert_eq!(status.matched_agents, 1);
+    let ready = condition(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    for part in [
+        closed.name_any(),
+        format!("add {tenant} to spec.targetableFrom.namespaces"),
+        format!("operator's namespace {}", hub.operator_namespace()),
+        "delivering to the 1 permitted Agent(s)".to_owned(),
+    ] {
+        assert!(
+            ready.message.contains(&part),
+            "{part:?} in {:?}",
+            ready.message
+        );
+    }
+    // The status is written after the target set: the permitted agent only.
+    assert_eq!(
+        targeted_ids(&hub, stack_row.id).await,
+        BTreeSet::from([open_id])
+    );
+    let events = eventually("a NotPermitted Warning Event", || async {
+        let events = not_permitted_events(&hub, "edges").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert!(events[0].0.contains(&closed.name_any()), "{events:?}");
+
+    // Reconciled again with the same refusal (a new generation): no second Event.
+    hub.api::<AgentTarget>()
+        .patch(
+            "edges",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"agents": [open.name_any()]}})),
+        )
+        .await
+        .unwrap();
+    target_status_when(&hub, "edges", "the new generation observed", |s| {
+        s.observed_generation == Some(2)
+    })
+    .await;
+    let events = not_permitted_events(&hub, "edges").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].1, 1,
+        "the refusal was announced again: {events:?}"
+    );
+    // And recorded once in the audit log, naming the refused agents and the namespace.
+    let refusals = refusals_recorded(&hub).await;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].resource_name, "edges");
+    assert_eq!(
+        refusals[0].resource_namespace.as_deref(),
+        Some(tenant.as_str())
+    );
+    assert_eq!(refusals[0].details["namespace"], tenant.as_str());
+    assert_eq!(
+        refusals[0].details["refused"],
+        serde_json::json!({"count": 1, "items": [closed.name_any()]})
+    );
+
+    // The Agent's owner grants the namespace: it joins the target set.
+    Api::<Agent>::all(hub.cluster.client.clone())
+        .patch(
+            &closed.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"targetableFrom": {"namespaces": [tenant]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let status = target_status_when(&hub, "edges", "Matched once granted", |s| {
+        ready_reason(s) == Some("Matched")
+    })
+    .await;
+    assert!(status.refused_agents.is_empty());
+    assert_eq!(status.matched_agents, 2);
+    assert_eq!(
+        targeted_ids(&hub, stack_row.id).await,
+        BTreeSet::from([open_id, closed_id])
+    );
+    hub.stop().await;
+}
+
+/// A refused AgentTarget writes no target rows at all, and an Agent admitting hub
+/// namespaces by label follows the namespace's labels both ways: labelled, it is
+/// targeted; unlabelled, it leaves the target set (a shrink to nothing, which is
+/// confirmed from a fresh read of the Agents, AgentTargets and the Namespace).
+#[tokio::test]
+async fn a_namespace_selector_grants_and_revokes_with_the_namespace_labels() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let hub = Hub::start_for_tenant(Duration::from_secs(600)).await;
+    let tenant = hub.namespace().to_owned();
+    let label = format!("tenant.brokkr.test/{}", hub.agent_label);
+    hub.create_generator("ci").await;
+    hub.create_stack("shop", "ci", CONFIG_MAP).await;
+    let stack_row = eventually("stack row", || hub.live_stack_row("shop")).await;
+    let edge = hub
+        .create_agent_targetable_from(
+            "edge",
+            &[],
+            targetable_from(&format!(
+                "namespaceSelector: {{matchLabels: {{{label}: shop}}}}"
+            )),
+        )
+        .await;
+    let edge_id = agent_row_id(&hub, &edge).await;
+    create_target(&hub, "shop-edge", "shop", &[edge.name_any()], None).await;
+    let status = target_status_when(&hub, "shop-edge", "NotPermitted", |s| {
+        ready_reason(s) == Some("NotPermitted")
+    })
+    .await;
+    assert_eq!(status.refused_agents, vec![edge.name_any()]);
+    assert_eq!(status.matched_agents, 0);
+    assert!(
+        targeted_ids(&hub, stack_row.id).await.is_empty(),
+        "refused: no target rows"
+    );
+    eventually("a NotPermitted Warning Event", || async {
+        (!not_permitted_events(&hub, "shop-edge").await.is_empty()).then_some(())
+    })
+    .await;
+
+    let namespaces: Api<Namespace> = Api::all(hub.cluster.client.clone());
+    let set_label = |value: Option<&str>| {
+        let namespaces = namespaces.clone();
+        let patch = serde_json::json!({"metadata": {"labels": {label.clone(): value}}});
+        let tenant = tenant.clone();
+        async move {
+            namespaces
+                .patch(&tenant, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap();
+        }
+    };
+    set_label(Some("shop")).await;
+    eventually("targeted once the namespace is labelled", || async {
+        (targeted_ids(&hub, stack_row.id).await == BTreeSet::from([edge_id])).then_some(())
+    })
+    .await;
+    let status = target_status_when(&hub, "shop-edge", "Matched", |s| {
+        ready_reason(s) == Some("Matched")
+    })
+    .await;
+    assert!(status.refused_agents.is_empty());
+
+    set_label(None).await;
+    eventually("untargeted once the label is gone", || async {
+        targeted_ids(&hub, stack_row.id)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let status = target_status_when(&hub, "shop-edge", "NotPermitted again", |s| {
+        ready_reason(s) == Some("NotPermitted")
+    })
+    .await;
+    assert_eq!(status.refused_agents, vec![edge.name_any()]);
+    hub.stop().await;
+}
+
+/// Creates AgentTarget `name` delivering Stack `stack` to the Agents named `agents` and
+/// to those matching the label selector `selector` (YAML).
+async fn create_target(
+    hub: &Hub,
+    name: &str,
+    stack: &str,
+    agents: &[String],
+    selector: Option<&str>,
+) {
+    hub.api::<AgentTarget>()
+        .create(
+            &PostParams::default(),
+            &AgentTarget::new(
+                name,
+                AgentTargetSpec {
+                    stack_ref: brokkr_crds::StackRef { name: stack.into() },
+                    agents: agents.to_vec(),
+                    agent_selector: selector.map(|yaml| serde_yaml::from_str(yaml).unwrap()),
+                },
+            ),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -972,20 +1252,8 @@ async fn only_one_replica_leads_and_another_takes_over_when_it_stops() {
 }
 
 async fn target_agent(hub: &Hub, stack: &str, agent: &Agent) -> (uuid::Uuid, uuid::Uuid) {
-    hub.api::<AgentTarget>()
-        .create(
-            &PostParams::default(),
-            &AgentTarget::new(
-                &format!("{stack}-{}", agent.name_any()),
-                AgentTargetSpec {
-                    stack_ref: brokkr_crds::StackRef { name: stack.into() },
-                    agents: vec![agent.name_any()],
-                    ..Default::default()
-                },
-            ),
-        )
-        .await
-        .unwrap();
+    let name = format!("{stack}-{}", agent.name_any());
+    create_target(hub, &name, stack, &[agent.name_any()], None).await;
     let stack_row = eventually("stack row", || hub.live_stack_row(stack)).await;
     let agent_id = eventually("agent targeted", || async {
         hub.store

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use brokkr_crds::conditions::reasons;
 use brokkr_crds::{Agent, AgentTarget, Generator, OPERATOR_FIELD_MANAGER, Stack};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -65,6 +66,15 @@ impl ControllerConfig {
         }
     }
 
+    /// The hub Namespaces whose labels decide which Agents accept AgentTargets from them
+    /// (`spec.targetableFrom.namespaceSelector`): every one, or only the watched one.
+    fn namespaces_watch(&self, watch: &watcher::Config) -> watcher::Config {
+        match &self.watch_namespace {
+            Some(namespace) => watch.clone().fields(&format!("metadata.name={namespace}")),
+            None => watch.clone(),
+        }
+    }
+
     fn namespaced<K>(&self, client: &Client) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -94,8 +104,11 @@ struct Caches {
     agents: Cache<Agent>,
     agent_targets: Cache<AgentTarget>,
     stacks: Cache<Stack>,
+    /// Hub Namespaces, for their labels (`spec.targetableFrom.namespaceSelector`).
+    namespaces: Cache<Namespace>,
     agents_listed: Listed,
     agent_targets_listed: Listed,
+    namespaces_listed: Listed,
 }
 
 /// Whether a cache holds its first complete list, awaitable by any number of tasks.
@@ -117,35 +130,102 @@ impl Listed {
     }
 }
 
-/// A controller of `api`'s objects whose cache readiness is a [`Listed`].
-fn controller_with_readiness<K>(api: Api<K>, config: watcher::Config) -> (Controller<K>, Listed)
-where
+/// What a watched and cached kind is.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
     K: Resource<DynamicType = ()>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// A controller of `api`'s objects whose cache readiness is a [`Listed`].
+fn controller_with_readiness<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Controller<K>, Listed) {
     use kube::runtime::WatchStreamExt;
+    let (reader, listed, events) = reflect_with_readiness(api, config);
+    (
+        Controller::for_stream(events.applied_objects(), reader),
+        listed,
+    )
+}
+
+/// A cache of `api`'s objects, its [`Listed`] readiness, and the watch events that fill
+/// it (the cache is filled only while the stream is polled).
+fn reflect_with_readiness<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Cache<K>,
+    Listed,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) {
     let (reader, writer) = kube::runtime::reflector::store();
     let (listed_tx, listed) = tokio::sync::watch::channel(false);
-    let objects = kube::runtime::reflector(writer, watcher(api, config))
-        .inspect(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                listed_tx.send_replace(true);
+    let events = kube::runtime::reflector(writer, watcher(api, config)).inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            listed_tx.send_replace(true);
+        }
+    });
+    (reader, Listed(listed), events)
+}
+
+/// Drives the Namespace cache and asks for the AgentTargets of a namespace to be
+/// reconciled when its labels change: they decide which Agents accept its AgentTargets.
+async fn follow_namespace_labels(
+    events: impl Stream<Item = Result<watcher::Event<Namespace>, watcher::Error>>,
+    targets: Cache<AgentTarget>,
+    requests: tokio::sync::mpsc::Sender<ObjectRef<AgentTarget>>,
+) {
+    use kube::runtime::WatchStreamExt;
+    let mut known =
+        std::collections::HashMap::<String, std::collections::BTreeMap<String, String>>::new();
+    let mut events = std::pin::pin!(events.default_backoff());
+    while let Some(event) = events.next().await {
+        let namespace = match event {
+            Ok(watcher::Event::Apply(namespace) | watcher::Event::InitApply(namespace)) => {
+                namespace
             }
-        })
-        .applied_objects();
-    (Controller::for_stream(objects, reader), Listed(listed))
+            Ok(watcher::Event::Delete(namespace)) => {
+                known.remove(&namespace.name_any());
+                continue;
+            }
+            Ok(_) => continue,
+            Err(err) => {
+                // Without the Namespace list no AgentTarget is reconciled: say why.
+                warn!(error = %error_chain(&err), "failed to watch hub Namespaces (the operator needs get/list/watch on namespaces)");
+                continue;
+            }
+        };
+        let name = namespace.name_any();
+        let labels = namespace.labels().clone();
+        if known.get(&name) == Some(&labels) {
+            continue;
+        }
+        known.insert(name.clone(), labels);
+        for target in targets.state() {
+            if target.namespace().as_deref() == Some(name.as_str()) {
+                let _ = requests.send(ObjectRef::from_obj(&*target)).await;
+            }
+        }
+    }
 }
 
 /// How long a reconcile waits for the caches it reads to hold their first full list.
 const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
 
 impl Caches {
-    /// Waits until the Agent and AgentTarget caches hold a complete list.
+    /// Waits until the Agent, AgentTarget and Namespace caches hold a complete list.
     ///
     /// kube-runtime starts a controller once its *own* cache is listed, not the caches
     /// it reads from other controllers; before they are, an AgentTarget would select no
@@ -154,7 +234,8 @@ impl Caches {
     async fn wait_until_complete(&self) -> Result<()> {
         let ready = async {
             self.agents_listed.wait().await?;
-            self.agent_targets_listed.wait().await
+            self.agent_targets_listed.wait().await?;
+            self.namespaces_listed.wait().await
         };
         tokio::time::timeout(CACHE_SYNC_WAIT, ready)
             .await
@@ -174,7 +255,7 @@ pub enum Error {
     DeletionPending,
     #[error("the database did not answer in time")]
     DatabaseTimeout,
-    #[error("waiting for the first complete list of Agents and AgentTargets")]
+    #[error("waiting for the first complete list of Agents, AgentTargets and Namespaces")]
     CachesNotSynced,
     #[error(transparent)]
     Finalizer(#[from] Box<finalizer::Error<Error>>),
@@ -251,6 +332,14 @@ pub async fn run(
         controller_with_readiness(Api::<Agent>::all(client.clone()), watch_agents.clone());
     let (agent_targets, agent_targets_listed) =
         controller_with_readiness(config.namespaced::<AgentTarget>(&client), watch.clone());
+    let (namespaces, namespaces_listed, namespace_events) = reflect_with_readiness(
+        Api::<Namespace>::all(client.clone()),
+        config.namespaces_watch(&watch),
+    );
+    let (namespace_triggers, namespace_requests) = tokio::sync::mpsc::channel(1024);
+    let agent_targets = agent_targets.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(
+        namespace_requests,
+    ));
     let stacks = Controller::new(config.namespaced::<Stack>(&client), watch.clone());
     let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
     let stacks_api = config.namespaced::<Stack>(&client);
@@ -282,9 +371,16 @@ pub async fn run(
         agents: agents.store(),
         agent_targets: agent_targets.store(),
         stacks: stacks.store(),
+        namespaces,
         agents_listed,
         agent_targets_listed,
+        namespaces_listed,
     };
+    mirror.push(tokio::spawn(follow_namespace_labels(
+        namespace_events,
+        caches.agent_targets.clone(),
+        namespace_triggers,
+    )));
     let (released_without_database, retirements) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         released_without_database,
@@ -296,7 +392,8 @@ pub async fn run(
         caches: caches.clone(),
     });
 
-    // Any Agent change may change which agents an AgentTarget selects.
+    // Any Agent change (labels, spec.targetableFrom) may change which agents an
+    // AgentTarget selects and may deliver to.
     let targets_for_agents = caches.agent_targets.clone();
     let targets_for_stacks = caches.agent_targets.clone();
     let stacks_for_generators = caches.stacks.clone();

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use brokkr_crds::{Agent, AgentSpec, Generator, GeneratorSpec, Stack, StackSpec};
+use brokkr_crds::{Agent, AgentSpec, Generator, GeneratorSpec, Stack, StackSpec, TargetableFrom};
 use brokkr_operator::controllers::{self, ControllerConfig};
 use brokkr_operator::entity::{deployment_objects, stacks};
 use brokkr_operator::metrics::Metrics;
 use brokkr_operator::store::Store;
 use brokkr_testdb::TestDb;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -70,7 +71,24 @@ impl Hub {
         Hub::start_with(Duration::from_secs(60), Duration::from_millis(500)).await
     }
 
+    /// A hub whose operator namespace is this test's namespace: AgentTargets here may
+    /// deliver to Agents without `spec.targetableFrom`.
     pub async fn start_with(deletion_timeout: Duration, status_refresh: Duration) -> Hub {
+        Hub::start_configured(deletion_timeout, status_refresh, false).await
+    }
+
+    /// A hub whose operator runs in a namespace of its own (`<test namespace>-op`, which
+    /// holds the agents' key Secrets), so that this test's namespace is a tenant's: its
+    /// AgentTargets may deliver only to Agents whose `spec.targetableFrom` admits it.
+    pub async fn start_for_tenant(status_refresh: Duration) -> Hub {
+        Hub::start_configured(Duration::from_secs(60), status_refresh, true).await
+    }
+
+    async fn start_configured(
+        deletion_timeout: Duration,
+        status_refresh: Duration,
+        operator_elsewhere: bool,
+    ) -> Hub {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -86,8 +104,21 @@ impl Hub {
         let store = Store::new(db.conn().clone());
         // On a shared real cluster, this test's controllers see only this test's objects.
         let agent_label = cluster.namespace.clone();
+        let operator_namespace = if operator_elsewhere {
+            let name = format!("{}-op", cluster.namespace);
+            let mut namespace = Namespace::default();
+            namespace.metadata.name = Some(name.clone());
+            Api::<Namespace>::all(cluster.client.clone())
+                .create(&PostParams::default(), &namespace)
+                .await
+                .expect("create the operator's namespace");
+            cluster.delete_on_drop::<Namespace>(&name);
+            name
+        } else {
+            cluster.namespace.clone()
+        };
         let config = ControllerConfig {
-            namespace: cluster.namespace.clone(),
+            namespace: operator_namespace,
             deletion_timeout,
             status_refresh,
             watch_namespace: Some(cluster.namespace.clone()),
@@ -250,12 +281,30 @@ impl Hub {
             .expect("create Stack")
     }
 
-    /// An Agent (cluster-scoped) whose name is unique to this test.
+    /// The namespace the operator runs in (its agents' key Secrets are there).
+    pub fn operator_namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    /// An Agent (cluster-scoped) whose name is unique to this test, without
+    /// `spec.targetableFrom`: only AgentTargets in the operator's namespace (with
+    /// [`Hub::start`], this test's namespace) may deliver to it.
     pub async fn create_agent(&self, short: &str, labels: &[(&str, &str)]) -> Agent {
+        self.create_agent_targetable_from(short, labels, None).await
+    }
+
+    /// An Agent whose name is unique to this test, with `spec.targetableFrom`.
+    pub async fn create_agent_targetable_from(
+        &self,
+        short: &str,
+        labels: &[(&str, &str)],
+        targetable_from: Option<TargetableFrom>,
+    ) -> Agent {
         let mut agent = Agent::new(
             &format!("{}-{short}", self.namespace()),
             AgentSpec {
                 cluster_name: format!("cluster-{short}"),
+                targetable_from,
                 ..Default::default()
             },
         );
