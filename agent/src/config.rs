@@ -93,6 +93,18 @@ pub struct Args {
     )]
     pub allow_cluster_scoped: bool,
     // --- end of the spoke scope ---
+
+    // --- Key self-rotation (issue 13, item 3) ---
+    /// Secret in the agent's namespace holding its key. When set, the agent renews its key
+    /// once 2/3 of its lifetime has passed and writes the new key there (it needs get and
+    /// update on exactly that Secret); when not set, it never renews its key.
+    #[arg(long, env = "BROKKR_AGENT_KEY_SECRET")]
+    pub key_secret: Option<String>,
+
+    /// Data key of the agent key in --key-secret.
+    #[arg(long, env = "BROKKR_AGENT_KEY_SECRET_KEY", default_value = "pak")]
+    pub key_secret_key: String,
+    // --- end of key self-rotation ---
 }
 
 /// The value of `--allowed-namespaces`: at least one valid namespace name, each once.
@@ -175,6 +187,8 @@ pub struct Config {
     /// What the agent may write, and where it lists and watches (`--allowed-namespaces`,
     /// `--allow-cluster-scoped`).
     pub scope: SpokeScope,
+    /// Where the agent writes a renewed key (`--key-secret`); `None`: it never renews it.
+    pub key_secret: Option<crate::key_rotation::KeySecret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +239,7 @@ impl Config {
             log_json: false,
             namespace: None,
             scope: SpokeScope::everything(),
+            key_secret: None,
         })
     }
 
@@ -267,6 +282,12 @@ impl Config {
             args.allowed_namespaces.map(|n| n.0),
             args.allow_cluster_scoped,
         );
+        config.key_secret = args.key_secret.filter(|name| !name.is_empty()).map(|name| {
+            crate::key_rotation::KeySecret {
+                name,
+                data_key: args.key_secret_key.clone(),
+            }
+        });
         Ok(config)
     }
 }

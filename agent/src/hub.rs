@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use brokkr_crds::wire::{
     API_PREFIX, ApiError, DeploymentObject, DesiredState, EventBatch, EventBatchResult, Heartbeat,
-    HeartbeatAck, MAX_WAIT_SECONDS,
+    HeartbeatAck, KeyLifetime, MAX_WAIT_SECONDS, RotatedKey,
 };
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -29,6 +29,7 @@ pub enum Endpoint {
     DeploymentObject,
     Events,
     Heartbeat,
+    Key,
 }
 
 impl Endpoint {
@@ -38,6 +39,7 @@ impl Endpoint {
             Endpoint::DeploymentObject => "deployment_object",
             Endpoint::Events => "events",
             Endpoint::Heartbeat => "heartbeat",
+            Endpoint::Key => "key",
         }
     }
 }
@@ -176,6 +178,13 @@ impl AgentApi {
             .json(heartbeat);
         send(Endpoint::Heartbeat, key, request).await
     }
+
+    /// A new key for the agent holding `key`; `key` stays valid for the Agent's
+    /// `keyPolicy.overlap`.
+    pub async fn rotate_key(&self, key: &str) -> Result<RotatedKey, HubError> {
+        let request = self.http.post(self.url("key")).timeout(REQUEST_SLACK);
+        send(Endpoint::Key, key, request).await
+    }
 }
 
 /// Sends `request` with `key`; a success decodes as `T`, an error status becomes
@@ -230,11 +239,15 @@ async fn send<T: DeserializeOwned>(
 /// A client of one hub, authenticating as one agent. Clones share the pauses the hub asked
 /// for with `Retry-After`: after one, the next request of that kind (desired state,
 /// deployment object, events or heartbeat) waits until it has passed, whichever task sends
-/// it.
+/// it. Clones also share the key: after [`HubClient::use_key`] every request of every task
+/// carries the new one (requests already sent finish with the old one, which the hub
+/// still accepts during the overlap).
 #[derive(Clone, Debug)]
 pub struct HubClient {
     api: AgentApi,
-    key: AgentKey,
+    key: Arc<Mutex<AgentKey>>,
+    /// The key's issue and expiry times, as the last heartbeat answer gave them.
+    key_lifetime: Arc<Mutex<Option<KeyLifetime>>>,
     paused: Arc<Mutex<HashMap<Endpoint, tokio::time::Instant>>>,
 }
 
@@ -260,9 +273,35 @@ impl HubClient {
             .map_err(|source| HubError::Build { source })?;
         Ok(HubClient {
             api: AgentApi::new(http, base),
-            key,
+            key: Arc::new(Mutex::new(key)),
+            key_lifetime: Arc::default(),
             paused: Arc::default(),
         })
+    }
+
+    /// The key requests are sent with now.
+    pub fn key(&self) -> AgentKey {
+        lock(&self.key).clone()
+    }
+
+    /// Sends every later request with `key`, whose times are `lifetime`.
+    pub fn use_key(&self, key: AgentKey, lifetime: Option<KeyLifetime>) {
+        *lock(&self.key) = key;
+        *lock(&self.key_lifetime) = lifetime;
+    }
+
+    /// The current key's issue and expiry times, once a heartbeat answer gave them (hubs
+    /// that predate key lifetimes never do).
+    pub fn key_lifetime(&self) -> Option<KeyLifetime> {
+        lock(&self.key_lifetime).clone()
+    }
+
+    /// A new key from the hub, for the key requests are sent with now. It is not used
+    /// until [`HubClient::use_key`].
+    pub async fn rotate_key(&self) -> Result<RotatedKey, HubError> {
+        self.wait_if_paused(Endpoint::Key).await;
+        let answer = self.api.rotate_key(self.key().expose()).await;
+        self.honour(Endpoint::Key, answer)
     }
 
     #[cfg(test)]
@@ -277,25 +316,37 @@ impl HubClient {
         wait: Duration,
     ) -> Result<DesiredState, HubError> {
         self.wait_if_paused(Endpoint::Desired).await;
-        let answer = self.api.desired(self.key.expose(), since, wait).await;
+        let answer = self.api.desired(self.key().expose(), since, wait).await;
         self.honour(Endpoint::Desired, answer)
     }
 
     pub async fn deployment_object(&self, id: Uuid) -> Result<DeploymentObject, HubError> {
         self.wait_if_paused(Endpoint::DeploymentObject).await;
-        let answer = self.api.deployment_object(self.key.expose(), id).await;
+        let answer = self.api.deployment_object(self.key().expose(), id).await;
         self.honour(Endpoint::DeploymentObject, answer)
     }
 
     pub async fn post_events(&self, batch: &EventBatch) -> Result<EventBatchResult, HubError> {
         self.wait_if_paused(Endpoint::Events).await;
-        let answer = self.api.post_events(self.key.expose(), batch).await;
+        let answer = self.api.post_events(self.key().expose(), batch).await;
         self.honour(Endpoint::Events, answer)
     }
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatAck, HubError> {
         self.wait_if_paused(Endpoint::Heartbeat).await;
-        let answer = self.api.heartbeat(self.key.expose(), heartbeat).await;
+        let key = self.key();
+        let answer = self.api.heartbeat(key.expose(), heartbeat).await;
+        if let Ok(HeartbeatAck {
+            key: Some(lifetime),
+            ..
+        }) = &answer
+        {
+            // Only if the key was not replaced meanwhile: the answer is about the key sent.
+            let current = lock(&self.key);
+            if *current == key {
+                *lock(&self.key_lifetime) = Some(lifetime.clone());
+            }
+        }
         self.honour(Endpoint::Heartbeat, answer)
     }
 
@@ -316,9 +367,7 @@ impl HubClient {
     }
 
     fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<Endpoint, tokio::time::Instant>> {
-        self.paused
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.paused)
     }
 
     fn pause(&self, endpoint: Endpoint, wait: Duration) {
@@ -341,6 +390,12 @@ impl HubClient {
             }
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A `Retry-After` in seconds (the form the hub sends), capped at [`MAX_RETRY_AFTER`]. An
@@ -461,6 +516,7 @@ mod tests {
                         }
                         Json(HeartbeatAck {
                             heartbeat_interval_seconds: 15,
+                            key: None,
                         })
                         .into_response()
                     }

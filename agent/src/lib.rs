@@ -58,6 +58,7 @@ pub mod config;
 pub mod health;
 pub mod hub;
 pub mod inventory;
+pub mod key_rotation;
 pub mod manifest;
 pub mod metrics;
 pub mod reporter;

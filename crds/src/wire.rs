@@ -6,10 +6,12 @@
 //! | `GET /api/v1/agent/deployment-objects/{id}` | — | [`DeploymentObject`] |
 //! | `POST /api/v1/agent/events` | [`EventBatch`] | [`EventBatchResult`] |
 //! | `POST /api/v1/agent/heartbeat` | [`Heartbeat`] | [`HeartbeatAck`] |
+//! | `POST /api/v1/agent/key` | — | [`RotatedKey`] |
 //!
 //! Every request carries `Authorization: Bearer <agent key>`; every error is an
 //! [`ApiError`] with the matching HTTP status.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -210,6 +212,43 @@ pub struct HeartbeatAck {
     /// The interval at which the hub expects heartbeats; three missed ones mark the
     /// agent Offline.
     pub heartbeat_interval_seconds: u64,
+    /// The key the heartbeat was sent with: the agent rotates it (`POST
+    /// /api/v1/agent/key`) once 2/3 of its lifetime has passed. Hubs that predate key
+    /// lifetimes leave it out; agents that predate it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyLifetime>,
+}
+
+/// When a key was issued and when it expires. Never the key itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyLifetime {
+    /// The key's public prefix (`brokkr_<prefix>_...`).
+    pub prefix: String,
+    pub issued_at: Time,
+    pub expires_at: Time,
+}
+
+/// The answer of `POST /api/v1/agent/key`: the caller's new key. The key it called with
+/// stays valid for the Agent's `keyPolicy.overlap` (default one hour), then is refused
+/// with 401 `key_revoked`. Its `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedKey {
+    /// The new key, `brokkr_<prefix>_<secret>`.
+    pub key: String,
+    pub prefix: String,
+    pub issued_at: Time,
+    pub expires_at: Time,
+}
+
+impl std::fmt::Debug for RotatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotatedKey")
+            .field("prefix", &self.prefix)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A string from the network that PostgreSQL cannot store (a `text` value, and a

@@ -96,6 +96,8 @@ sql_migration!(
 
 sql_migration!(AuditLog, "m20261129_000015_audit_log", "015_audit_log");
 
+sql_migration!(ApiKeys, "m20261129_000016_api_keys", "016_api_keys");
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -118,6 +120,7 @@ impl MigratorTrait for Migrator {
             Box::new(RemovalReportNotifications),
             Box::new(StatusNotificationsByUid),
             Box::new(AuditLog),
+            Box::new(ApiKeys),
         ]
     }
 }

@@ -4,7 +4,8 @@ use brokkr_migrations::{Migrator, MigratorTrait};
 use brokkr_testdb::TestDb;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 12] = [
+    "api_keys",
     "audit_log",
     "generators",
     "stacks",
@@ -205,4 +206,114 @@ async fn audit_rows_are_append_only() {
         .execute_unprepared("DELETE FROM audit_log WHERE at < now() + interval '1 minute'")
         .await
         .expect("pruning deletes");
+}
+
+async fn one_value(db: &TestDb, sql: &str) -> Option<String> {
+    db.conn()
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect(sql)
+        .and_then(|row| {
+            row.try_get::<Option<String>>("", "v")
+                .expect("a text column v")
+        })
+}
+
+/// 016 moves agent keys into `api_keys` (valid for 90 days) and drops the old columns; its
+/// down puts each owner's newest valid key back.
+#[tokio::test]
+async fn keys_move_into_api_keys_and_back() {
+    let db = TestDb::empty().await;
+    let before_016 = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261129_000016_api_keys")
+        .map(|n| u32::try_from(n).unwrap())
+        .expect("016 is listed");
+    Migrator::up(db.conn(), Some(before_016))
+        .await
+        .expect("up to 015");
+    db.conn()
+        .execute_unprepared(
+            r#"
+INSERT INTO agents (id, name, cluster_name, pak_prefix, pak_hash)
+    VALUES ('00000000-0000-7000-8000-000000000003', 'edge', 'eu', 'live1', 'hash-live');
+INSERT INTO agents (id, name, cluster_name, pak_prefix, pak_hash, deleted_at)
+    VALUES ('00000000-0000-7000-8000-000000000004', 'edge', 'eu', 'gone1', 'hash-gone', now());
+INSERT INTO generators (id, name, api_key_hash)
+    VALUES ('00000000-0000-7000-8000-000000000001', 'ns/gen', 'hash-gen');
+"#,
+        )
+        .await
+        .expect("rows with keys");
+    Migrator::up(db.conn(), Some(1)).await.expect("016 up");
+
+    let moved = one_value(
+        &db,
+        "SELECT string_agg(prefix || ':' || key_hash || ':' || scopes, ',' ORDER BY prefix) AS v \
+         FROM api_keys WHERE expires_at BETWEEN now() + interval '89 days' AND now() + interval '91 days'",
+    )
+    .await;
+    assert_eq!(
+        moved.as_deref(),
+        Some("gone1:hash-gone:agent,live1:hash-live:agent"),
+        "agent keys move with a 90-day expiry; generator keys had no prefix and are reissued"
+    );
+    assert_eq!(
+        one_value(
+            &db,
+            "SELECT string_agg(column_name::text, ',') AS v FROM information_schema.columns \
+             WHERE column_name IN ('pak_prefix', 'pak_hash', 'api_key_hash')"
+        )
+        .await,
+        None,
+        "the old key columns are gone"
+    );
+    // A rotation: the old key is valid for an hour more, the new one is the newest. And a
+    // generator key, and a key revoked already.
+    db.conn()
+        .execute_unprepared(
+            r#"
+UPDATE api_keys SET revoked_at = now() + interval '1 hour' WHERE prefix = 'live1';
+INSERT INTO api_keys (id, agent_id, prefix, key_hash, scopes, expires_at, created_at) VALUES
+    (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'live2', 'hash-live2', 'agent',
+     now() + interval '90 days', now() + interval '1 second');
+INSERT INTO api_keys (id, generator_id, prefix, key_hash, scopes, expires_at, revoked_at) VALUES
+    (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', 'gen0', 'hash-gen0', 'generator',
+     now() + interval '90 days', now() - interval '1 minute'),
+    (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', 'gen1', 'hash-gen1', 'generator',
+     now() + interval '90 days', NULL);
+"#,
+        )
+        .await
+        .expect("more keys");
+    let refused = db
+        .conn()
+        .execute_unprepared(
+            "INSERT INTO api_keys (id, agent_id, prefix, key_hash, scopes, expires_at) VALUES \
+             (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'x', 'h', 'admin', now())",
+        )
+        .await;
+    assert!(refused.is_err(), "unknown scopes are refused");
+
+    Migrator::down(db.conn(), Some(1)).await.expect("016 down");
+    assert_eq!(
+        one_value(
+            &db,
+            "SELECT pak_prefix || ':' || pak_hash AS v FROM agents \
+             WHERE id = '00000000-0000-7000-8000-000000000003'"
+        )
+        .await
+        .as_deref(),
+        Some("live2:hash-live2")
+    );
+    assert_eq!(
+        one_value(&db, "SELECT api_key_hash AS v FROM generators")
+            .await
+            .as_deref(),
+        Some("hash-gen1")
+    );
+    assert!(!tables(&db).await.contains(&"api_keys".to_owned()));
+    Migrator::up(db.conn(), Some(1))
+        .await
+        .expect("016 up again");
 }

@@ -41,6 +41,30 @@ pub fn issue_key() -> IssuedKey {
     IssuedKey { key, prefix, hash }
 }
 
+/// What a key may call. A key's scopes are stored space-separated (`agent`, `generator`),
+/// as OAuth writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// The agent API (`/api/v1/agent/*`).
+    Agent,
+    /// The generator API.
+    Generator,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Agent => "agent",
+            Scope::Generator => "generator",
+        }
+    }
+
+    /// Whether the space-separated `scopes` include this one.
+    pub fn is_in(self, scopes: &str) -> bool {
+        scopes.split_ascii_whitespace().any(|s| s == self.as_str())
+    }
+}
+
 /// Hex SHA-256 of a whole key.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -84,6 +108,15 @@ mod tests {
         let printed = format!("{issued:?}");
         assert!(!printed.contains(&issued.key));
         assert!(printed.contains(&issued.prefix));
+    }
+
+    #[test]
+    fn scopes_are_matched_word_by_word() {
+        assert!(Scope::Agent.is_in("agent"));
+        assert!(Scope::Generator.is_in("agent generator"));
+        assert!(!Scope::Generator.is_in("agent"));
+        assert!(!Scope::Agent.is_in("agents"));
+        assert!(!Scope::Agent.is_in(""));
     }
 
     #[test]

@@ -113,7 +113,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 ..ApiConfig::default()
             },
         )
-        .with_metrics(metrics.api.clone()),
+        .with_metrics(metrics.api.clone())
+        .with_key_access(api::KeyAccess {
+            client: client.clone(),
+            namespace: args.namespace(),
+        }),
     );
     let api_server = tokio::spawn(serve_api(
         api,

@@ -1014,9 +1014,16 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/api/v1/agent/deployment-objects/{id}",
         "/api/v1/agent/events",
         "/api/v1/agent/heartbeat",
+        "/api/v1/agent/key",
     ] {
         assert!(body["paths"][path].is_object(), "{path} documented");
     }
+    assert!(body["components"]["schemas"]["RotatedKey"].is_object());
+    let unauthorized =
+        body["paths"]["/api/v1/agent/key"]["post"]["responses"]["401"]["description"]
+            .as_str()
+            .unwrap();
+    assert!(unauthorized.contains("key_expired") && unauthorized.contains("key_revoked"));
     assert!(body["components"]["schemas"]["EventBatch"].is_object());
 }
 

@@ -78,7 +78,14 @@ async fn generator_gets_a_row_a_key_secret_and_status_and_is_cleaned_up() {
         .unwrap()
         .unwrap();
     assert_eq!(row.name, format!("{}/ci", hub.namespace()));
-    assert_eq!(row.api_key_hash.as_deref(), Some(hash_key(&key).as_str()));
+    let stored = hub
+        .store
+        .find_api_key(brokkr_operator::keys::key_prefix(&key).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.generator_id, Some(row.id));
+    assert_eq!(stored.key_hash, hash_key(&key));
 
     api.patch(
         "ci",
@@ -359,10 +366,8 @@ async fn agents_get_a_row_labels_and_a_key_secret() {
         .unwrap();
     assert_eq!(row.name, name);
     assert_eq!(row.cluster_name, "cluster-edge");
-    assert!(brokkr_operator::keys::key_matches(
-        &key,
-        row.pak_hash.as_deref().unwrap()
-    ));
+    let stored = hub.store.find_api_key(prefix).await.unwrap().unwrap();
+    assert!(brokkr_operator::keys::key_matches(&key, &stored.key_hash));
     let labels: BTreeSet<String> = brokkr_operator::entity::agent_labels::Entity::find()
         .all(hub.db.conn())
         .await

@@ -1180,7 +1180,8 @@ async fn agent_keys_are_found_by_prefix_and_only_hashes_are_stored() {
         .unwrap()
         .unwrap();
     assert_eq!(found.id, agent);
-    assert_eq!(found.pak_hash.as_deref(), Some(key.hash.as_str()));
+    let stored = f.store.find_api_key("abcd1234").await.unwrap().unwrap();
+    assert_eq!(stored.key_hash, key.hash);
     assert!(
         f.store
             .find_agent_by_key_prefix("other")

@@ -171,6 +171,20 @@ pub async fn start(config: Config, client: Client) -> Result<AgentHandle, AgentE
         status.clone(),
         metrics.clone(),
     ));
+    // --- Key self-rotation (issue 13, item 3) ---
+    if let Some(secret) = config.key_secret.clone() {
+        let namespace = config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        tasks.spawn(crate::key_rotation::renew_keys(
+            hub.clone(),
+            kube::Api::namespaced(client.clone(), &namespace),
+            secret,
+            config.heartbeat_interval,
+        ));
+    }
+    // --- end of key self-rotation ---
     let (worker, sightings) = Worker::new(
         config,
         hub,

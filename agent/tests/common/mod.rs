@@ -260,6 +260,7 @@ async fn heartbeat(
     shared.lock().heartbeats.push(heartbeat);
     Json(HeartbeatAck {
         heartbeat_interval_seconds: 30,
+        key: None,
     })
     .into_response()
 }

@@ -45,10 +45,17 @@ pub struct Seed {
 const AGENT_CHUNK: usize = 1000;
 
 const INSERT_AGENTS: &str = r#"
-INSERT INTO agents (id, name, cluster_name, pak_prefix, pak_hash, resource_uid)
-SELECT id, name, cluster_name, pak_prefix, pak_hash, resource_uid
-FROM jsonb_to_recordset($1::jsonb)
-    AS a(id uuid, name text, cluster_name text, pak_prefix text, pak_hash text, resource_uid uuid)
+WITH a AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS a(id uuid, name text, cluster_name text, pak_prefix text, pak_hash text, resource_uid uuid)
+), inserted AS (
+    INSERT INTO agents (id, name, cluster_name, resource_uid)
+    SELECT id, name, cluster_name, resource_uid FROM a
+    RETURNING id
+)
+INSERT INTO api_keys (id, agent_id, prefix, key_hash, scopes, expires_at)
+SELECT gen_random_uuid(), a.id, a.pak_prefix, a.pak_hash, 'agent', now() + interval '90 days'
+FROM a JOIN inserted USING (id)
 "#;
 
 impl Seed {

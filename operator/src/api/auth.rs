@@ -1,8 +1,10 @@
-//! Agents authenticate with their key: `Authorization: Bearer brokkr_<prefix>_<secret>`.
-//! The row is found by the public prefix, the hash compared in constant time; results
-//! are cached so a fleet of long-polls and heartbeats does not turn into a query each.
-//! The change feed drops an agent's entry when its key, suspension or deletion changes
-//! (on any replica), so the TTL only bounds how long a missed notification can matter.
+//! Agents (and, through [`authenticate`], generators) authenticate with their key:
+//! `Authorization: Bearer brokkr_<prefix>_<secret>`. The key's row is found by the public
+//! prefix, the hash compared in constant time; results are cached so a fleet of long-polls
+//! and heartbeats does not turn into a query each. The change feed drops an owner's entries
+//! when its keys, suspension or deletion change (on any replica), so the TTL only bounds how
+//! long a missed notification can matter. Expiry and revocation times are compared with the
+//! clock on every request, so the cache never extends a key's validity.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -14,25 +16,40 @@ use moka::sync::Cache;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use chrono::{DateTime, Utc};
+
 use super::limits::{KeyLimiter, RateLimit, UnknownKeyLimiter, retry_after_seconds};
 use super::{ApiError, ApiState};
-use crate::keys::{key_matches, key_prefix};
+use crate::keys::{Scope, key_matches, key_prefix};
+use crate::store::{KeyHolder, KeyOwner};
 
-/// The agent a request comes from.
+/// The agent a request comes from, and the key it presented.
 #[derive(Clone, Debug)]
 pub struct AuthenticatedAgent {
     pub id: Uuid,
     pub name: String,
+    pub key: PresentedKey,
 }
 
-#[derive(Clone)]
-struct CachedAgent {
-    id: Uuid,
-    name: String,
-    pak_hash: String,
-    suspended: bool,
-    deleted: bool,
+/// The key that authenticated a request: its row and times, never the key itself.
+#[derive(Clone, Debug)]
+pub struct PresentedKey {
+    pub id: Uuid,
+    pub prefix: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
 }
+
+/// Whoever a request comes from, with a key that holds the scope the endpoint asked for.
+#[derive(Clone, Debug)]
+pub struct Authenticated {
+    pub owner: KeyOwner,
+    /// The agent's or generator's name.
+    pub name: String,
+    pub key: PresentedKey,
+}
+
+type CachedAgent = KeyHolder;
 
 /// Recently looked-up agents by key prefix.
 pub struct AuthCache {
@@ -103,14 +120,16 @@ impl AuthCache {
         }
     }
 
-    /// Drops whatever is cached for `agent_id`, under any prefix.
+    /// Drops whatever is cached for `agent_id` (or a generator's id), under any prefix.
     pub fn forget_agent(&self, agent_id: Uuid) {
         let mut generation = self.lock();
         *generation += 1;
         // Only fails when the cache was built without invalidation closures.
         if self
             .by_prefix
-            .invalidate_entries_if(move |_, cached| cached.id == agent_id)
+            .invalidate_entries_if(move |_, cached| {
+                cached.agent_id == Some(agent_id) || cached.generator_id == Some(agent_id)
+            })
             .is_err()
         {
             self.by_prefix.invalidate_all();
@@ -131,56 +150,115 @@ impl FromRequestParts<ApiState> for AuthenticatedAgent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
-            ApiError::Unauthorized("missing Authorization: Bearer <agent key>".into())
-        })?;
-        let key = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("the Authorization header is not a Bearer token".into())
-            })?;
-        let prefix =
-            key_prefix(key).ok_or_else(|| ApiError::Unauthorized("malformed agent key".into()))?;
-
-        let auth = state.changes.auth();
-        let agent = match auth.get(prefix) {
-            Some(agent) => agent,
-            None => look_up(state, prefix).await?,
-        };
-        if !key_matches(key, &agent.pak_hash) {
-            return Err(ApiError::Unauthorized("unknown agent key".into()));
+        let who = authenticate(parts, state, Scope::Agent).await?;
+        match who.owner {
+            KeyOwner::Agent(id) => Ok(AuthenticatedAgent {
+                id,
+                name: who.name,
+                key: who.key,
+            }),
+            // `authenticate` checked the scope; a generator key never holds `agent`.
+            KeyOwner::Generator(_) => Err(insufficient_scope(Scope::Agent)),
         }
-        if agent.deleted {
-            return Err(ApiError::Forbidden(format!(
-                "agent {} was deleted; its key is no longer valid",
-                agent.name
-            )));
-        }
-        if agent.suspended {
-            return Err(ApiError::Forbidden(format!(
-                "agent {} is suspended (spec.suspend on its Agent resource)",
-                agent.name
-            )));
-        }
-        // Counted only once the key is proven, so nobody can spend another agent's budget.
-        if let Err(wait) = state.limits.keys.take(prefix, Instant::now()) {
-            state.metrics.requests_limited_because("key_rate");
-            return Err(ApiError::TooManyRequests {
-                message: format!(
-                    "agent {} sent more requests than the hub allows per key",
-                    agent.name
-                ),
-                retry_after_seconds: retry_after_seconds(wait),
-            });
-        }
-        Ok(AuthenticatedAgent {
-            id: agent.id,
-            name: agent.name,
-        })
     }
+}
+
+fn insufficient_scope(scope: Scope) -> ApiError {
+    ApiError::InsufficientScope(format!("this key may not call the {} API", scope.as_str()))
+}
+
+/// Authenticates the request's bearer key for an endpoint that needs `scope`: unknown
+/// keys are 401 `unauthorized`, revoked ones 401 `key_revoked`, expired ones 401
+/// `key_expired`, keys without the scope 403 `insufficient_scope`, keys of suspended or
+/// deleted owners 403 `forbidden`, and a key over its rate 429. Times are checked on every
+/// request against the key's own, so a cached entry never extends a key's validity.
+pub async fn authenticate(
+    parts: &Parts,
+    state: &ApiState,
+    scope: Scope,
+) -> Result<Authenticated, ApiError> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <key>".into()))?;
+    let key = header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header is not a Bearer token".into())
+        })?;
+    let prefix = key_prefix(key).ok_or_else(|| ApiError::Unauthorized("malformed key".into()))?;
+
+    let auth = state.changes.auth();
+    let holder = match auth.get(prefix) {
+        Some(holder) => holder,
+        None => look_up(state, prefix).await?,
+    };
+    if !key_matches(key, &holder.key_hash) {
+        return Err(ApiError::Unauthorized("unknown key".into()));
+    }
+    let owner = match (holder.agent_id, holder.generator_id) {
+        (Some(id), _) => KeyOwner::Agent(id),
+        (None, Some(id)) => KeyOwner::Generator(id),
+        (None, None) => return Err(ApiError::Unauthorized("unknown key".into())),
+    };
+    let now = Utc::now();
+    if holder.revoked_at.is_some_and(|revoked| revoked <= now) {
+        return Err(ApiError::KeyRevoked(format!(
+            "key {prefix} was revoked; use the key in the key Secret on the hub"
+        )));
+    }
+    if holder.expires_at <= now {
+        return Err(ApiError::KeyExpired(format!(
+            "key {prefix} expired at {}; revoke it to have the hub issue a new one",
+            holder.expires_at.to_rfc3339()
+        )));
+    }
+    if !scope.is_in(&holder.scopes) {
+        return Err(insufficient_scope(scope));
+    }
+    let kind = match owner {
+        KeyOwner::Agent(_) => "agent",
+        KeyOwner::Generator(_) => "generator",
+    };
+    if holder.deleted {
+        return Err(ApiError::Forbidden(format!(
+            "{kind} {} was deleted; its key is no longer valid",
+            holder.owner_name
+        )));
+    }
+    if holder.suspended {
+        return Err(ApiError::Forbidden(format!(
+            "{kind} {} is suspended (spec.suspend on its resource)",
+            holder.owner_name
+        )));
+    }
+    // Counted only once the key is proven, so nobody can spend another key's budget.
+    if let Err(wait) = state.limits.keys.take(prefix, Instant::now()) {
+        state.metrics.requests_limited_because("key_rate");
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "{kind} {} sent more requests than the hub allows per key",
+                holder.owner_name
+            ),
+            retry_after_seconds: retry_after_seconds(wait),
+        });
+    }
+    state
+        .key_use
+        .used(&state.store, &holder, owner, Instant::now());
+    Ok(Authenticated {
+        owner,
+        name: holder.owner_name,
+        key: PresentedKey {
+            id: holder.key_id,
+            prefix: holder.prefix,
+            issued_at: holder.issued_at,
+            expires_at: holder.expires_at,
+        },
+    })
 }
 
 /// Finds the agent of a prefix that is not cached: at most [`MAX_CONCURRENT_LOOKUPS`] at
@@ -188,7 +266,7 @@ impl FromRequestParts<ApiState> for AuthenticatedAgent {
 /// query while lookups of unknown prefixes are over their rate.
 async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError> {
     let auth = state.changes.auth();
-    let unknown = || ApiError::Unauthorized("unknown agent key".into());
+    let unknown = || ApiError::Unauthorized("unknown key".into());
     if auth.is_unknown(prefix) {
         state.metrics.unknown_keys_cached.inc();
         return Err(unknown());
@@ -206,27 +284,20 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
     if let Err(wait) = state.limits.unknown_keys.check(Instant::now()) {
         state.metrics.requests_limited_because("unknown_keys");
         return Err(ApiError::TooManyRequests {
-            message: "too many requests with unknown agent keys".into(),
+            message: "too many requests with unknown keys".into(),
             retry_after_seconds: retry_after_seconds(wait),
         });
     }
     let generation = auth.generation();
-    let Some(row) = state.store.find_agent_for_key(prefix).await? else {
+    let Some(holder) = state.store.find_key_holder(prefix).await? else {
         state.metrics.key_looked_up("unknown");
         state.limits.unknown_keys.found_nothing(Instant::now());
         auth.put_unknown(prefix, generation);
         return Err(unknown());
     };
     state.metrics.key_looked_up("found");
-    let agent = CachedAgent {
-        id: row.id,
-        name: row.name,
-        pak_hash: row.pak_hash.unwrap_or_default(),
-        suspended: row.is_suspended,
-        deleted: row.deleted_at.is_some(),
-    };
-    auth.put(prefix, agent.clone(), generation);
-    Ok(agent)
+    auth.put(prefix, holder.clone(), generation);
+    Ok(holder)
 }
 
 /// The limits [`AuthenticatedAgent`] applies, shared by every request.
@@ -252,9 +323,16 @@ mod tests {
 
     fn agent(id: Uuid, hash: &str) -> CachedAgent {
         CachedAgent {
-            id,
-            name: "edge".into(),
-            pak_hash: hash.into(),
+            key_id: Uuid::now_v7(),
+            agent_id: Some(id),
+            generator_id: None,
+            prefix: "old".into(),
+            key_hash: hash.into(),
+            scopes: "agent".into(),
+            issued_at: Utc::now(),
+            expires_at: Utc::now(),
+            revoked_at: None,
+            owner_name: "edge".into(),
             suspended: false,
             deleted: false,
         }

@@ -18,8 +18,17 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// 401 `key_expired`: the key is past its `expires_at`.
+    #[error("{0}")]
+    KeyExpired(String),
+    /// 401 `key_revoked`: the key's `revoked_at` has passed.
+    #[error("{0}")]
+    KeyRevoked(String),
     #[error("{0}")]
     Forbidden(String),
+    /// 403 `insufficient_scope`: the key may not call this API.
+    #[error("{0}")]
+    InsufficientScope(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -30,6 +39,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// 501: this hub cannot do what was asked (e.g. rotate keys without a Kubernetes client).
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("the request took too long")]
     Timeout,
     /// Answered 429 with `Retry-After`.
@@ -47,7 +59,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::KeyExpired(_) => (StatusCode::UNAUTHORIZED, "key_expired"),
+            ApiError::KeyRevoked(_) => (StatusCode::UNAUTHORIZED, "key_revoked"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::InsufficientScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -55,6 +70,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")

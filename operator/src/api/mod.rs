@@ -6,6 +6,7 @@ mod auth;
 pub mod changes;
 mod error;
 mod heartbeats;
+mod keys;
 mod limits;
 mod objects;
 mod openapi;
@@ -30,9 +31,10 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-pub use auth::{AuthCache, AuthenticatedAgent};
+pub use auth::{AuthCache, Authenticated, AuthenticatedAgent, PresentedKey, authenticate};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
+pub use keys::{KEY_USE_RESOLUTION, KeyAccess};
 pub use limits::RateLimit;
 pub use serve::{ServeLimits, serve};
 
@@ -64,8 +66,10 @@ pub struct ApiConfig {
     pub unknown_key_rate: RateLimit,
 }
 
-/// Per agent key: far above what an agent does (a long-poll at a time, a heartbeat every
-/// few seconds, a fetch per changed stack), so only a runaway or stolen key meets it.
+/// Per agent key: far above what an agent does (one long-poll a minute, a heartbeat every
+/// 15 s, a fetch per changed stack and an event batch per change: well under one request a
+/// second), so only a runaway or stolen key meets it. `--api-key-rate`/`--api-key-burst`
+/// change it.
 pub const DEFAULT_KEY_RATE: RateLimit = RateLimit::new(50.0, 500);
 
 /// Lookups of unknown keys: a restart's worth of mistyped keys, not a flood.
@@ -91,6 +95,9 @@ pub struct ApiState {
     heartbeats: Arc<Heartbeats>,
     config: Arc<ApiConfig>,
     limits: Arc<AuthLimits>,
+    key_use: Arc<keys::KeyUse>,
+    /// Without it, agents cannot renew their keys here (501).
+    key_access: Option<Arc<KeyAccess>>,
     metrics: ApiMetrics,
 }
 
@@ -103,9 +110,18 @@ impl ApiState {
             objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
             heartbeats: Arc::default(),
             limits: Arc::new(AuthLimits::new(config.key_rate, config.unknown_key_rate)),
+            key_use: Arc::default(),
+            key_access: None,
             config: Arc::new(config),
             metrics: ApiMetrics::default(),
         }
+    }
+
+    /// Lets agents renew their keys (`POST /api/v1/agent/key`): the Agent resources and the
+    /// key Secrets in the operator's namespace are read and written with `access.client`.
+    pub fn with_key_access(mut self, access: KeyAccess) -> ApiState {
+        self.key_access = Some(Arc::new(access));
+        self
     }
 
     /// Records the API's limits into `metrics` (by default, into a registry of its own).
@@ -128,6 +144,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/deployment-objects/{id}", get(deployment_object))
         .route("/events", post(events))
         .route("/heartbeat", post(heartbeat))
+        .route("/key", post(keys::rotate))
         .layer(middleware::from_fn_with_state(
             state.config.request_timeout,
             deadline,
@@ -371,8 +388,20 @@ async fn heartbeat(
     state
         .heartbeats
         .record(&state.store, agent.id, beat.version);
+    let key = match (
+        crate::status::to_time(agent.key.issued_at),
+        crate::status::to_time(agent.key.expires_at),
+    ) {
+        (Some(issued_at), Some(expires_at)) => Some(wire::KeyLifetime {
+            prefix: agent.key.prefix,
+            issued_at,
+            expires_at,
+        }),
+        _ => None,
+    };
     Ok(Json(HeartbeatAck {
         heartbeat_interval_seconds: state.config.heartbeat_interval.as_secs(),
+        key,
     }))
 }
 

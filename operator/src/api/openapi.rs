@@ -3,7 +3,8 @@
 
 use axum::Json;
 use brokkr_crds::wire::{
-    ApiError, DeploymentObject, DesiredState, EventBatch, EventBatchResult, Heartbeat, HeartbeatAck,
+    ApiError, DeploymentObject, DesiredState, EventBatch, EventBatchResult, Heartbeat,
+    HeartbeatAck, RotatedKey,
 };
 use serde_json::{Map, Value, json};
 
@@ -27,8 +28,14 @@ fn responses(ok: (&str, &str), extra: &[(&str, &str)]) -> Value {
     map.insert("200".into(), success);
     let common = [
         ("400", "malformed request"),
-        ("401", "missing, malformed or unknown agent key"),
-        ("403", "the agent is suspended or deleted"),
+        (
+            "401",
+            "missing, malformed or unknown agent key (`unauthorized`), a revoked key (`key_revoked`) or an expired key (`key_expired`)",
+        ),
+        (
+            "403",
+            "the agent is suspended or deleted (`forbidden`), or the key may not call the agent API (`insufficient_scope`)",
+        ),
         (
             "429",
             "this agent key, or requests with unknown keys, went over their rate; wait the `Retry-After` header's seconds",
@@ -66,6 +73,7 @@ fn openapi() -> Value {
                 "EventBatchResult": schema::<EventBatchResult>(),
                 "Heartbeat": schema::<Heartbeat>(),
                 "HeartbeatAck": schema::<HeartbeatAck>(),
+                "RotatedKey": schema::<RotatedKey>(),
                 "ApiError": schema::<ApiError>(),
             }
         },
@@ -98,6 +106,13 @@ fn openapi() -> Value {
                 "summary": "Tell the hub this agent is alive",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Heartbeat"}}}},
                 "responses": responses(("recorded", "HeartbeatAck"), &[("415", "the body is not JSON"), ("422", "invalid heartbeat")])
+            }},
+            "/api/v1/agent/key": {"post": {
+                "summary": "Renew this agent's key: a new key valid for the Agent's `keyPolicy.lifetime`, also written to the hub's Secret `brokkr-agent-<name>`; the key the request was sent with stays valid for `keyPolicy.overlap`, then is refused with `key_revoked`. Agents call it once 2/3 of their key's lifetime has passed (see `HeartbeatAck.key`)",
+                "responses": responses(("the new key", "RotatedKey"), &[
+                    ("422", "the Agent's keyPolicy is invalid"),
+                    ("501", "this hub cannot rotate keys (no Kubernetes client)"),
+                ])
             }}
         }
     })

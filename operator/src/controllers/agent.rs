@@ -6,19 +6,20 @@ use std::time::Duration;
 
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
 use brokkr_crds::validation::check_labels;
-use brokkr_crds::{Agent, AgentPhase, AgentStatus, SecretRef};
+use brokkr_crds::{Agent, AgentPhase, AgentStatus, REVOKE_KEY_ANNOTATION, SecretRef};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use super::key_secrets::ensure_key_secret;
+use super::key_secrets::{KeyStep, agent_secret_name, reconcile_key, revoke_requested_by};
 use super::{
     Context, Error, Result, label_strings, publish, resource_uid, with_finalizer, write_status,
 };
 use crate::status::{now, to_time};
-use crate::store::{AgentKey, AgentSync, StoreError};
+use crate::store::audit::AuditResource;
+use crate::store::{AgentSync, KeyOwner, StoreError};
 
 #[instrument(skip_all, fields(agent = %agent.name_any()))]
 pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
@@ -35,8 +36,12 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 pub fn secret_name(agent: &Agent) -> String {
-    format!("brokkr-agent-{}", agent.name_any())
+    agent_secret_name(&agent.name_any())
 }
+
+/// Heartbeat times are refreshed this often; Online/Offline flips come at once, and
+/// `KeyExpiring` flips on time.
+const REFRESH: Duration = Duration::from_secs(60);
 
 /// Why an Agent's spec or labels cannot be recorded: pure.
 pub fn validate(agent: &Agent, labels: &[String]) -> Option<String> {
@@ -77,32 +82,47 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
     };
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let owner = agent
+    let owner_ref = agent
         .controller_owner_ref(&())
         .ok_or(Error::MissingMetadata("uid"))?;
+    let name = agent.name_any();
     let secret = secret_name(&agent);
-    if let Some(issued) =
-        ensure_key_secret(&secrets, &secret, owner, row.pak_hash.as_deref()).await?
-    {
-        ctx.store
-            .set_agent_key(
-                row.id,
-                &AgentKey {
-                    prefix: issued.prefix.clone(),
-                    hash: issued.hash.clone(),
-                },
-            )
-            .await?;
-        publish(
-            ctx,
-            &agent.object_ref(&()),
-            EventType::Normal,
-            "KeyIssued",
-            "IssueKey",
-            format!("issued a key into Secret {}/{secret}", ctx.config.namespace),
-        )
-        .await;
-    }
+    let secret_path = format!("{}/{secret}", ctx.config.namespace);
+    // Validated above, with the rest of the spec.
+    let lifetime = agent
+        .spec
+        .key_policy()
+        .lifetime()
+        .unwrap_or(brokkr_crds::access::DEFAULT_KEY_LIFETIME);
+    let key = reconcile_key(
+        ctx,
+        KeyStep {
+            api: &api,
+            object: &*agent,
+            previous_conditions: &previous.conditions,
+            recover: format!(
+                "to recover, run `kubectl annotate agent {name} {REVOKE_KEY_ANNOTATION}=now` and install the new key from Secret {secret_path} in the spoke"
+            ),
+            revoked_note: ": give it to the agent",
+            secrets: &secrets,
+            secret_namespace: &ctx.config.namespace,
+            secret: &secret,
+            owner_ref,
+            owner: KeyOwner::Agent(row.id),
+            lifetime,
+            revoke_requested_by: revoke_requested_by(&agent.metadata),
+            resource: AuditResource {
+                kind: "Agent",
+                namespace: None,
+                name: name.clone(),
+                id: Some(row.id),
+            },
+        },
+    )
+    .await?;
+    set_condition(&mut status.conditions, key.condition);
+    status.key = Some(key.status);
+    let requeue = key.recheck.map_or(REFRESH, |wait| wait.min(REFRESH));
 
     status.agent_id = Some(row.id.to_string());
     status.key_secret = Some(SecretRef {
@@ -169,8 +189,7 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
         ),
     );
     write_status(&api, &*agent, Some(&previous), &status).await?;
-    // Heartbeat times are refreshed this often; Online/Offline flips come at once.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    Ok(Action::requeue(requeue))
 }
 
 async fn refuse(

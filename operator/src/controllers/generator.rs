@@ -4,16 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
-use brokkr_crds::{Generator, GeneratorStatus};
+use brokkr_crds::{Generator, GeneratorStatus, REVOKE_KEY_ANNOTATION};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use super::key_secrets::ensure_key_secret;
+use super::key_secrets::{KeyStep, generator_secret_name, reconcile_key, revoke_requested_by};
 use super::{Context, Error, Result, resource_uid, with_finalizer, write_status};
 use crate::status::now;
-use crate::store::GeneratorSync;
+use crate::store::audit::AuditResource;
+use crate::store::{GeneratorSync, KeyOwner};
 
 #[instrument(skip_all, fields(generator = %generator.name_any(), namespace = generator.namespace().unwrap_or_default()))]
 pub async fn reconcile(generator: Arc<Generator>, ctx: Arc<Context>) -> Result<Action> {
@@ -33,7 +34,7 @@ pub async fn reconcile(generator: Arc<Generator>, ctx: Arc<Context>) -> Result<A
 }
 
 pub fn secret_name(generator: &Generator) -> String {
-    format!("brokkr-generator-{}", generator.name_any())
+    generator_secret_name(&generator.name_any())
 }
 
 async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Result<Action> {
@@ -48,21 +49,48 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         })
         .await?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let owner = generator
+    let owner_ref = generator
         .controller_owner_ref(&())
         .ok_or(Error::MissingMetadata("uid"))?;
+    let short_name = generator.name_any();
     let secret = secret_name(&generator);
-    if let Some(issued) =
-        ensure_key_secret(&secrets, &secret, owner, row.api_key_hash.as_deref()).await?
-    {
-        ctx.store
-            .set_generator_api_key_hash(row.id, &issued.hash)
-            .await?;
-    }
+    let policy = generator.spec.key_policy();
+    let lifetime = policy
+        .validate()
+        .and_then(|()| policy.lifetime())
+        .unwrap_or(brokkr_crds::access::DEFAULT_KEY_LIFETIME);
+    let api: Api<Generator> = Api::namespaced(ctx.client.clone(), namespace);
+    let previous = generator.status.clone().unwrap_or_default();
+    let key = reconcile_key(
+        ctx,
+        KeyStep {
+            api: &api,
+            object: &*generator,
+            previous_conditions: &previous.conditions,
+            recover: format!(
+                "to recover, run `kubectl annotate generator -n {namespace} {short_name} {REVOKE_KEY_ANNOTATION}=now` and use the new key from Secret {secret}"
+            ),
+            revoked_note: "",
+            secrets: &secrets,
+            secret_namespace: namespace,
+            secret: &secret,
+            owner_ref,
+            owner: KeyOwner::Generator(row.id),
+            lifetime,
+            revoke_requested_by: revoke_requested_by(&generator.metadata),
+            resource: AuditResource {
+                kind: "Generator",
+                namespace: Some(namespace.to_owned()),
+                name: short_name.clone(),
+                id: Some(row.id),
+            },
+        },
+    )
+    .await?;
     let stacks = ctx.store.count_live_stacks(row.id).await?;
 
-    let previous = generator.status.clone().unwrap_or_default();
     let mut conditions = previous.conditions.clone();
+    set_condition(&mut conditions, key.condition);
     let ready = if generator.spec.suspend {
         new_condition(
             types::READY,
@@ -90,11 +118,13 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         stacks: i32::try_from(stacks).unwrap_or(i32::MAX),
         active: row.is_active,
         api_key_secret: Some(secret),
-        api_key: previous.api_key.clone(),
+        api_key: Some(key.status),
     };
-    let api: Api<Generator> = Api::namespaced(ctx.client.clone(), namespace);
     write_status(&api, &*generator, Some(&previous), &status).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    let refresh = Duration::from_secs(300);
+    Ok(Action::requeue(
+        key.recheck.map_or(refresh, |wait| wait.min(refresh)),
+    ))
 }
 
 async fn cleanup(generator: Arc<Generator>, ctx: &Context) -> Result<Action> {

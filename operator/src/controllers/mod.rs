@@ -7,7 +7,7 @@
 mod agent;
 mod agent_target;
 mod generator;
-mod key_secrets;
+pub(crate) mod key_secrets;
 mod stack;
 
 use std::sync::Arc;

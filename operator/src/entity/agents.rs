@@ -14,8 +14,6 @@ pub struct Model {
     pub cluster_name: String,
     pub last_heartbeat: Option<DateTimeUtc>,
     pub status: String,
-    pub pak_hash: Option<String>,
-    pub pak_prefix: Option<String>,
     pub is_suspended: bool,
     pub agent_version: Option<String>,
     pub resource_uid: Option<Uuid>,

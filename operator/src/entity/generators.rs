@@ -12,7 +12,6 @@ pub struct Model {
     pub deleted_at: Option<DateTimeUtc>,
     pub name: String,
     pub description: Option<String>,
-    pub api_key_hash: Option<String>,
     pub last_active_at: Option<DateTimeUtc>,
     pub is_active: bool,
     pub resource_uid: Option<Uuid>,

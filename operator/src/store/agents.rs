@@ -2,15 +2,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
 };
 use uuid::Uuid;
 
 use super::metadata::{
     Owner, check_annotations, check_labels, replace_annotations, replace_labels,
 };
-use super::{Store, StoreError, StoreResult, check_len, limits};
+use super::{KeyOwner, NewKey, Revoke, Store, StoreError, StoreResult, check_len, limits};
 use crate::entity::agents;
 
 /// Everything the database keeps of one Agent resource, written in one transaction.
@@ -49,19 +48,22 @@ impl Store {
         Ok(agent)
     }
 
-    /// Stores the prefix and hash of a newly issued agent key, replacing any earlier key.
+    /// Stores the prefix and hash of a newly issued agent key with the default lifetime,
+    /// revoking every earlier key of the agent at once.
     pub async fn set_agent_key(&self, agent_id: Uuid, key: &AgentKey) -> StoreResult<()> {
-        check_len("key prefix", &key.prefix, limits::PAK_PREFIX)?;
-        let updated = agents::Entity::update_many()
-            .col_expr(agents::Column::PakPrefix, Expr::value(key.prefix.clone()))
-            .col_expr(agents::Column::PakHash, Expr::value(key.hash.clone()))
-            .filter(agents::Column::Id.eq(agent_id))
-            .filter(agents::Column::DeletedAt.is_null())
-            .exec(&self.db)
-            .await?;
-        if updated.rows_affected == 0 {
+        if self.find_live_agent(agent_id).await?.is_none() {
             return Err(StoreError::not_found(format!("agent {agent_id}")));
         }
+        self.change_key(
+            KeyOwner::Agent(agent_id),
+            NewKey {
+                prefix: &key.prefix,
+                hash: &key.hash,
+                lifetime: brokkr_crds::access::DEFAULT_KEY_LIFETIME,
+            },
+            Revoke::AllNow,
+        )
+        .await?;
         Ok(())
     }
 
@@ -71,19 +73,15 @@ impl Store {
         &self,
         prefix: &str,
     ) -> StoreResult<Option<agents::Model>> {
-        Ok(agents::Entity::find()
-            .filter(agents::Column::PakPrefix.eq(prefix))
-            .filter(agents::Column::DeletedAt.is_null())
-            .one(&self.db)
-            .await?)
+        let Some(agent_id) = self.find_api_key(prefix).await?.and_then(|k| k.agent_id) else {
+            return Ok(None);
+        };
+        self.find_live_agent(agent_id).await
     }
 
-    /// The newest agent row, live or deleted, holding a key with this prefix: the API
-    /// tells a deleted agent why it is refused.
-    pub async fn find_agent_for_key(&self, prefix: &str) -> StoreResult<Option<agents::Model>> {
-        Ok(agents::Entity::find()
-            .filter(agents::Column::PakPrefix.eq(prefix))
-            .order_by_desc(agents::Column::CreatedAt)
+    async fn find_live_agent(&self, agent_id: Uuid) -> StoreResult<Option<agents::Model>> {
+        Ok(agents::Entity::find_by_id(agent_id)
+            .filter(agents::Column::DeletedAt.is_null())
             .one(&self.db)
             .await?)
     }

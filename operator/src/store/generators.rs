@@ -5,7 +5,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, check_len, limits};
+use super::{Store, StoreResult, check_len, limits};
 use crate::entity::{generators, stacks};
 
 /// A Generator resource as the database keeps it.
@@ -70,24 +70,6 @@ impl Store {
         };
         txn.commit().await?;
         Ok(model)
-    }
-
-    /// Records the SHA-256 of a generator's API key; the key itself is never stored.
-    pub async fn set_generator_api_key_hash(
-        &self,
-        generator_id: Uuid,
-        hash: &str,
-    ) -> StoreResult<()> {
-        let updated = generators::Entity::update_many()
-            .col_expr(generators::Column::ApiKeyHash, Expr::value(hash))
-            .filter(generators::Column::Id.eq(generator_id))
-            .filter(generators::Column::DeletedAt.is_null())
-            .exec(&self.db)
-            .await?;
-        if updated.rows_affected == 0 {
-            return Err(StoreError::not_found(format!("generator {generator_id}")));
-        }
-        Ok(())
     }
 
     pub async fn find_live_generator_by_resource(

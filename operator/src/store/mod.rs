@@ -6,6 +6,7 @@
 //! unique violations as [`StoreError::Conflict`].
 
 mod agents;
+mod api_keys;
 pub mod audit;
 mod deployments;
 mod error;
@@ -22,6 +23,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, Statement, Value};
 
 pub use agents::{AgentKey, AgentSync, check_agent_version};
+pub use api_keys::{FirstUse, KeyHolder, KeyOwner, NewKey, PendingKeyChange, Revoke};
 pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditResource};
 pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
