@@ -1,12 +1,13 @@
 //! The tour of Brokkr that the demo narrates and the scenario test checks: the
-//! examples applied to a hub, delivered by two agents to two spokes, updated while the
-//! operator is down, broken, deleted, and an agent going Offline.
+//! examples applied to a hub, delivered by two agents to two spokes, refused when targeted
+//! from a hub namespace the Agents do not accept, updated while the operator is down,
+//! broken, deleted, and an agent going Offline.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use brokkr_crds::{Agent, AgentPhase, Stack};
-use k8s_openapi::api::core::v1::ConfigMap;
+use brokkr_crds::{Agent, AgentPhase, AgentTarget, Stack};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
@@ -49,15 +50,84 @@ fn example(name: &str) -> FleetResult<String> {
 }
 
 async fn apply_example(fleet: &Fleet, name: &str, n: &Narrator) -> FleetResult<()> {
-    let applied = apply_yaml(&fleet.hub.client, &example(name)?, DEMO_NAMESPACE).await?;
+    let yaml = example(name)?;
+    apply_shown(
+        fleet,
+        &yaml,
+        DEMO_NAMESPACE,
+        &format!("-f examples/{name}"),
+        n,
+    )
+    .await
+}
+
+/// Applies `yaml` to the hub and shows it as `kubectl apply --server-side <shown>` would.
+async fn apply_shown(
+    fleet: &Fleet,
+    yaml: &str,
+    namespace: &str,
+    shown: &str,
+    n: &Narrator,
+) -> FleetResult<()> {
+    let applied = apply_yaml(&fleet.hub.client, yaml, namespace).await?;
     n.show(&format!(
-        "$ kubectl apply --server-side -f examples/{name}\n{}",
+        "$ kubectl apply --server-side {shown}\n{}",
         applied
             .iter()
             .map(|o| format!("{o} serverside-applied"))
             .collect::<Vec<_>>()
             .join("\n")
     ));
+    Ok(())
+}
+
+/// A hub namespace the example Agents do not accept (they grant only brokkr-demo).
+const OTHER_NAMESPACE: &str = "brokkr-other";
+
+/// The same Agents targeted from another hub namespace: refused, and nothing delivered.
+async fn refused_from_another_namespace(fleet: &Fleet, n: &Narrator) -> FleetResult<()> {
+    n.say(&format!(
+        "A team in hub namespace {OTHER_NAMESPACE} targets the same Agents; they accept AgentTargets only from {DEMO_NAMESPACE} (spec.targetableFrom), so the hub refuses"
+    ));
+    let hub = fleet.hub.client.clone();
+    fleet.hub.delete_on_drop::<Namespace>(OTHER_NAMESPACE);
+    let other = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {OTHER_NAMESPACE}\n---\n\
+         apiVersion: brokkr.io/v1alpha1\nkind: Generator\nmetadata:\n  name: other\nspec: {{}}\n---\n\
+         apiVersion: brokkr.io/v1alpha1\nkind: Stack\nmetadata:\n  name: other\nspec:\n  generatorRef: {{name: other}}\n  \
+         manifests: \"apiVersion: v1\\nkind: ConfigMap\\nmetadata: {{name: other, namespace: default}}\\n\"\n---\n\
+         apiVersion: brokkr.io/v1alpha1\nkind: AgentTarget\nmetadata:\n  name: other-prod\nspec:\n  stackRef: {{name: other}}\n  \
+         agentSelector: {{matchLabels: {{env: prod}}}}\n"
+    );
+    let shown = format!("-n {OTHER_NAMESPACE} -f -");
+    apply_shown(fleet, &other, OTHER_NAMESPACE, &shown, n).await?;
+    let targets: Api<AgentTarget> = Api::namespaced(hub.clone(), OTHER_NAMESPACE);
+    let (refused, message) = wait_for(PATIENCE, "AgentTarget other-prod NotPermitted", || async {
+        let status = targets.get_opt("other-prod").await.ok().flatten()?.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == "NotPermitted")
+            .then(|| (status.refused_agents.clone(), ready.message.clone()))
+    })
+    .await?;
+    if refused != ["prod-eu", "prod-us"] {
+        return Err(BenchError::Setup(format!(
+            "expected prod-eu and prod-us refused for {OTHER_NAMESPACE}, got {refused:?}"
+        )));
+    }
+    // The AgentTarget's status is written after the target set: nobody is targeted.
+    let stacks: Api<Stack> = Api::namespaced(hub.clone(), OTHER_NAMESPACE);
+    wait_for(PATIENCE, "Stack other targeted at no agent", || async {
+        let status = stacks.get_opt("other").await.ok().flatten()?.status?;
+        (status.deployment_object.is_some() && status.targeted_agents == 0).then_some(())
+    })
+    .await?;
+    n.show(&format!(
+        "$ kubectl get agenttarget other-prod -n {OTHER_NAMESPACE} -o jsonpath='{{.status.refusedAgents}}'\n{refused:?}\n\
+         Ready=False NotPermitted: {message}\nStack {OTHER_NAMESPACE}/other: TARGETS 0"
+    ));
+    // Out of the way of the rest of the tour (with no targets, nothing waits).
+    let _ = targets.delete("other-prod", &DeleteParams::default()).await;
+    let _ = stacks.delete("other", &DeleteParams::default()).await;
     Ok(())
 }
 
@@ -142,6 +212,8 @@ async fn deliver_update_break_delete(fleet: &mut Fleet, n: &Narrator) -> FleetRe
         }
     }
     n.show("spoke 1 and spoke 2: namespace shop holds ConfigMap shop-content, Deployment shop, Service shop (labelled brokkr.io/stack)");
+
+    refused_from_another_namespace(fleet, n).await?;
 
     n.say("Killing the operator (SIGKILL), changing the Stack meanwhile, then starting it again");
     fleet.kill_operator().await;
