@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode, header};
 use brokkr_agent::{AgentKey, Config};
 use brokkr_crds::conditions::{reasons, types};
 use brokkr_crds::wire::RotatedKey;
-use brokkr_crds::{Agent, AgentSpec, KeyPolicy, REVOKE_KEY_ANNOTATION};
+use brokkr_crds::{Agent, AgentSpec, Generator, GeneratorSpec, KeyPolicy, REVOKE_KEY_ANNOTATION};
 use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, KeyAccess, RateLimit};
 use brokkr_operator::keys::{issue_key, key_prefix};
 use brokkr_operator::store::audit::{AuditQuery, actions};
@@ -599,6 +599,8 @@ async fn key_expiring_turns_true_near_the_end_and_key_expired_says_how_to_recove
 /// request.
 #[tokio::test]
 async fn a_real_agent_renews_its_key_writes_its_secret_and_no_request_fails() {
+    // Everything the hub and the agent log, to check that no key is in it.
+    let logs = CapturedLogs::install();
     let hub = Hub::start().await;
     let spoke = TestCluster::from_env_var("BROKKR_E2E_SPOKE_KUBECONFIG").await;
     let app = rotating_api(&hub).await;
@@ -690,6 +692,20 @@ async fn a_real_agent_renews_its_key_writes_its_secret_and_no_request_fails() {
         .await
         .unwrap();
     assert_eq!(agent_keys.len(), 2, "one rotation");
+    let keys = hub
+        .store
+        .api_keys_of(KeyOwner::Agent(key_id_owner(&hub.store, &renewed).await))
+        .await
+        .unwrap();
+    let printed = logs.text();
+    assert!(
+        printed.contains(&prefix),
+        "the logs name the renewed key by its prefix"
+    );
+    for key in [&old, &renewed] {
+        assert!(!printed.contains(key.as_str()), "a key reached the logs");
+    }
+    assert!(keys.iter().all(|k| !printed.contains(&k.key_hash)));
     for endpoint in [
         brokkr_agent::hub::Endpoint::Desired,
         brokkr_agent::hub::Endpoint::Heartbeat,
@@ -729,4 +745,105 @@ async fn key_id_owner(store: &Store, key: &str) -> Uuid {
         .unwrap()
         .agent_id
         .unwrap()
+}
+
+/// Collects every log line of the process (the hub's and the agent's tasks) in memory.
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Each test runs in a process of its own (nextest), so this is the only subscriber.
+    fn install() -> CapturedLogs {
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("info,brokkr_operator=debug,brokkr_agent=debug")
+            .with_writer(move || writer.clone())
+            .try_init()
+            .expect("the test's own log subscriber");
+        logs
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_generator_gets_a_key_with_its_lifetime_and_the_revoke_annotation_replaces_it() {
+    let hub = Hub::start().await;
+    let generators = hub.api::<Generator>();
+    let mut generator = Generator::new("ci", GeneratorSpec::default());
+    generator.spec.key_policy = Some(KeyPolicy {
+        lifetime: Some("30d".into()),
+        overlap: None,
+    });
+    generators
+        .create(&PostParams::default(), &generator)
+        .await
+        .unwrap();
+    let with_key = |g: &Generator| g.status.as_ref().and_then(|s| s.api_key.clone());
+    let shown = eventually_within(PATIENCE, "generator key status", || async {
+        generators.get("ci").await.ok().as_ref().and_then(with_key)
+    })
+    .await;
+    let lifetime = shown.expires_at.unwrap().0.as_second() - shown.issued_at.unwrap().0.as_second();
+    assert_eq!(lifetime, 30 * 86_400);
+    let secrets = hub.api::<Secret>();
+    let secret = secrets.get("brokkr-generator-ci").await.unwrap();
+    let old = String::from_utf8(secret.data.unwrap()["pak"].0.clone()).unwrap();
+    assert_eq!(key_prefix(&old), Some(shown.prefix.as_str()));
+    let row = hub
+        .store
+        .find_api_key(&shown.prefix)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.scopes, "generator");
+
+    generators
+        .patch(
+            "ci",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"annotations": {REVOKE_KEY_ANNOTATION: "now"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let replaced = eventually_within(PATIENCE, "a new generator key, annotation gone", || async {
+        generators.get("ci").await.ok().filter(|g| {
+            !g.annotations().contains_key(REVOKE_KEY_ANNOTATION)
+                && with_key(g).is_some_and(|k| k.prefix != shown.prefix)
+        })
+    })
+    .await;
+    let revoked = hub
+        .store
+        .find_api_key(&shown.prefix)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revoked_at.is_some_and(|at| at <= Utc::now()));
+    let new_prefix = with_key(&replaced).unwrap().prefix;
+    let secret = secrets.get("brokkr-generator-ci").await.unwrap();
+    let new = String::from_utf8(secret.data.unwrap()["pak"].0.clone()).unwrap();
+    assert_eq!(key_prefix(&new), Some(new_prefix.as_str()));
+    let printed = serde_json::to_string(&replaced).unwrap();
+    assert!(
+        !printed.contains(&old) && !printed.contains(&new),
+        "no key in status"
+    );
+    hub.stop().await;
 }
