@@ -401,12 +401,29 @@ async fn an_agent_rotates_its_key_the_old_one_works_during_the_overlap_and_the_h
         "the hub's Secret holds the new key"
     );
 
+    // The answer got lost, say: the agent asks again with the old key. The key it never
+    // received is retired with the old one; the last answer is the one that counts.
+    let (status, body, _) = call(&app, rotate(&old)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let lost = rotated;
+    let rotated: RotatedKey = serde_json::from_value(body).unwrap();
+    assert_ne!(lost.prefix, rotated.prefix);
+    assert_eq!(
+        secret_key(&hub, &name).await.as_deref(),
+        Some(rotated.key.as_str())
+    );
+
     // Both keys work during the overlap; then only the new one.
     assert_eq!(status_of(&app, &old).await.0, StatusCode::OK);
     assert_eq!(status_of(&app, &rotated.key).await.0, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_error(
         &status_of(&app, &old).await,
+        StatusCode::UNAUTHORIZED,
+        "key_revoked",
+    );
+    assert_error(
+        &status_of(&app, &lost.key).await,
         StatusCode::UNAUTHORIZED,
         "key_revoked",
     );

@@ -96,7 +96,17 @@ pub(super) async fn rotate(
             "prefix": pending.issued.prefix,
             "previousPrefix": agent.key.prefix,
             "expiresAt": pending.issued.expires_at,
-            "previousValidUntil": pending.revoked.first().and_then(|k| k.revoked_at),
+            "previousValidUntil": pending
+                .revoked
+                .iter()
+                .find(|k| k.id == agent.key.id)
+                .and_then(|k| k.revoked_at),
+            "unreceivedRetired": pending
+                .revoked
+                .iter()
+                .filter(|k| k.id != agent.key.id)
+                .map(|k| k.prefix.as_str())
+                .collect::<Vec<_>>(),
             "secret": format!("{}/{secret}", access.namespace),
         }),
     };

@@ -133,7 +133,8 @@ pub enum Revoke {
     Nothing,
     /// Every key of the owner still valid, at once.
     AllNow,
-    /// This key, `overlap` from now (or earlier, if it was revoked earlier already).
+    /// This key, `overlap` from now (or earlier, if it was revoked earlier already), and
+    /// the keys issued after it that were never used (renewals whose answer was lost).
     After { key_id: Uuid, overlap: Duration },
 }
 
@@ -173,10 +174,23 @@ impl Store {
             }
             Revoke::After { key_id, overlap } => {
                 let until = after(now, overlap);
+                // The key itself, and the keys it was renewed into before whose answers
+                // never arrived (never used): one renewal leaves at most two valid keys.
+                let presented = api_keys::Entity::find_by_id(key_id)
+                    .filter(owner.condition())
+                    .one(&txn)
+                    .await?
+                    .ok_or_else(|| super::StoreError::not_found(format!("api key {key_id}")))?;
                 api_keys::Entity::update_many()
                     .col_expr(api_keys::Column::RevokedAt, Expr::value(until))
                     .filter(owner.condition())
-                    .filter(api_keys::Column::Id.eq(key_id))
+                    .filter(
+                        Condition::any().add(api_keys::Column::Id.eq(key_id)).add(
+                            Condition::all()
+                                .add(api_keys::Column::CreatedAt.gt(presented.created_at))
+                                .add(api_keys::Column::LastUsedAt.is_null()),
+                        ),
+                    )
                     .filter(
                         Condition::any()
                             .add(api_keys::Column::RevokedAt.is_null())
