@@ -99,6 +99,10 @@ pub struct GeneratorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<String>,
 
+    /// When the Generator last called the hub's generator API (kept to the minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+
     /// The Generator's current API key: prefix, issue and expiry times (never the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<KeyStatus>,

@@ -98,6 +98,12 @@ sql_migration!(AuditLog, "m20261129_000015_audit_log", "015_audit_log");
 
 sql_migration!(ApiKeys, "m20261129_000016_api_keys", "016_api_keys");
 
+sql_migration!(
+    GeneratorAccessNotifications,
+    "m20261130_000017_generator_access_notifications",
+    "017_generator_access_notifications"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -121,6 +127,7 @@ impl MigratorTrait for Migrator {
             Box::new(StatusNotificationsByUid),
             Box::new(AuditLog),
             Box::new(ApiKeys),
+            Box::new(GeneratorAccessNotifications),
         ]
     }
 }

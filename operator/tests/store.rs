@@ -1378,7 +1378,7 @@ async fn content_targets_and_deletion_are_audited_with_the_change_that_made_them
                 row.resource_name.as_str(),
                 row.resource_id
             ),
-            ("Stack", Some("team-a"), "web", Some(resource_uid))
+            ("Stack", Some("team-a"), "web", Some(first.stack.id))
         );
     }
     assert_eq!(rows[0].actor, "kubectl-client-side-apply");

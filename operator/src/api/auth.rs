@@ -177,6 +177,33 @@ pub async fn authenticate(
     state: &ApiState,
     scope: Scope,
 ) -> Result<Authenticated, ApiError> {
+    let authenticated = authenticate_key(parts, state, scope).await;
+    if let Err(
+        err @ (ApiError::Unauthorized(_) | ApiError::KeyExpired(_) | ApiError::KeyRevoked(_)),
+    ) = &authenticated
+    {
+        let prefix = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|key| key_prefix(key.trim()));
+        let source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|peer| peer.0.ip());
+        state
+            .auth_failures
+            .failed(&state.store, prefix, source, err.code());
+    }
+    authenticated
+}
+
+async fn authenticate_key(
+    parts: &Parts,
+    state: &ApiState,
+    scope: Scope,
+) -> Result<Authenticated, ApiError> {
     let header = parts
         .headers
         .get(AUTHORIZATION)
@@ -230,10 +257,14 @@ pub async fn authenticate(
         )));
     }
     if holder.suspended {
-        return Err(ApiError::Forbidden(format!(
+        let message = format!(
             "{kind} {} is suspended (spec.suspend on its resource)",
             holder.owner_name
-        )));
+        );
+        return Err(match owner {
+            KeyOwner::Generator(_) => ApiError::GeneratorSuspended(message),
+            KeyOwner::Agent(_) => ApiError::Forbidden(message),
+        });
     }
     // Counted only once the key is proven, so nobody can spend another key's budget.
     if let Err(wait) = state.limits.keys.take(prefix, Instant::now()) {

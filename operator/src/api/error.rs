@@ -26,11 +26,17 @@ pub enum ApiError {
     KeyRevoked(String),
     #[error("{0}")]
     Forbidden(String),
+    /// 403 `generator_suspended`: the generator's `spec.suspend` is true.
+    #[error("{0}")]
+    GeneratorSuspended(String),
     /// 403 `insufficient_scope`: the key may not call this API.
     #[error("{0}")]
     InsufficientScope(String),
     #[error("{0}")]
     NotFound(String),
+    /// 409 `conflict`: another field manager owns a field the request sets.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error("request body is larger than the {0} bytes allowed")]
@@ -55,6 +61,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The `error` code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -63,7 +74,9 @@ impl ApiError {
             ApiError::KeyRevoked(_) => (StatusCode::UNAUTHORIZED, "key_revoked"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::InsufficientScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            ApiError::GeneratorSuspended(_) => (StatusCode::FORBIDDEN, "generator_suspended"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => {

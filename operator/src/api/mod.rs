@@ -3,8 +3,10 @@
 //! are `brokkr_crds::wire`.
 
 mod auth;
+mod auth_failures;
 pub mod changes;
 mod error;
+pub mod generator;
 mod heartbeats;
 mod keys;
 mod limits;
@@ -96,6 +98,7 @@ pub struct ApiState {
     config: Arc<ApiConfig>,
     limits: Arc<AuthLimits>,
     key_use: Arc<keys::KeyUse>,
+    auth_failures: Arc<auth_failures::AuthFailures>,
     /// Without it, agents cannot renew their keys here (501).
     key_access: Option<Arc<KeyAccess>>,
     metrics: ApiMetrics,
@@ -111,6 +114,7 @@ impl ApiState {
             heartbeats: Arc::default(),
             limits: Arc::new(AuthLimits::new(config.key_rate, config.unknown_key_rate)),
             key_use: Arc::default(),
+            auth_failures: Arc::default(),
             key_access: None,
             config: Arc::new(config),
             metrics: ApiMetrics::default(),
@@ -151,6 +155,10 @@ pub fn app(state: ApiState) -> Router {
         ));
     Router::new()
         .nest(wire::API_PREFIX, long_poll.merge(requests))
+        .nest(
+            "/api/v1/generator",
+            generator::routes().layer(DefaultBodyLimit::max(generator::PUSH_BODY_LIMIT)),
+        )
         .route("/api/v1/openapi.json", get(openapi::document))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

@@ -56,13 +56,48 @@ fn responses(ok: (&str, &str), extra: &[(&str, &str)]) -> Value {
     Value::Object(map)
 }
 
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// The generator API's answers: `ok` plus the errors every generator call can give.
+fn generator_responses(ok: (&str, Value), extra: &[(&str, &str)]) -> Value {
+    let mut map = Map::new();
+    map.insert(
+        "200".into(),
+        json!({"description": ok.0, "content": {"application/json": {"schema": ok.1}}}),
+    );
+    let common = [
+        ("400", "malformed request or Stack name"),
+        (
+            "401",
+            "missing, malformed or unknown key (`unauthorized`), a revoked key (`key_revoked`) or an expired key (`key_expired`)",
+        ),
+        (
+            "403",
+            "an agent key (`insufficient_scope`), a suspended generator (`generator_suspended`), a deleted one, or a Stack of another generator (`forbidden`)",
+        ),
+        (
+            "429",
+            "this key went over its rate; wait the `Retry-After` header's seconds",
+        ),
+        ("503", "the hub cannot serve the request now; retry later"),
+    ];
+    for (code, description) in common.iter().chain(extra) {
+        let mut error = body("ApiError");
+        error["description"] = (*description).into();
+        map.insert((*code).into(), error);
+    }
+    Value::Object(map)
+}
+
 fn openapi() -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "Brokkr agent API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "What spoke agents use to pull their desired state and report back. Every request carries `Authorization: Bearer <agent key>`; every error is a JSON ApiError."
+            "description": "What spoke agents use to pull their desired state and report back (`/api/v1/agent/*`, with an agent key), and what CI pipelines use to push Stacks (`/api/v1/generator/*`, with a generator key). Every request carries `Authorization: Bearer <key>`; a key used on the other API is 403 `insufficient_scope`; every error is a JSON ApiError."
         },
         "components": {
             "securitySchemes": {"agentKey": {"type": "http", "scheme": "bearer"}},
@@ -74,6 +109,8 @@ fn openapi() -> Value {
                 "Heartbeat": schema::<Heartbeat>(),
                 "HeartbeatAck": schema::<HeartbeatAck>(),
                 "RotatedKey": schema::<RotatedKey>(),
+                "StackPush": schema::<super::generator::PushBody>(),
+                "StackAnswer": schema::<super::generator::StackAnswer>(),
                 "ApiError": schema::<ApiError>(),
             }
         },
@@ -113,7 +150,46 @@ fn openapi() -> Value {
                     ("422", "the Agent's keyPolicy is invalid"),
                     ("501", "this hub cannot rotate keys (no Kubernetes client)"),
                 ])
-            }}
+            }},
+            "/api/v1/generator/stacks": {"get": {
+                "summary": "This generator's Stacks, in its namespace, with their revision and ready counts",
+                "responses": generator_responses(("the Stacks", json!({"type": "object", "properties": {"stacks": {"type": "array", "items": {"type": "object"}}}})), &[])
+            }},
+            "/api/v1/generator/stacks/{name}": {
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The Stack's name (a DNS subdomain)"}],
+                "put": {
+                    "summary": "Create or update a Stack of this generator (server-side apply with field manager `brokkr.io/generator/<generator>`); with `targets`, also an AgentTarget of the same name",
+                    "parameters": [
+                        {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 600}, "description": "Seconds to wait until the content is recorded (200 with its revision) or refused (422 with the reason); without it the answer is 202"},
+                        {"name": "force", "in": "query", "schema": {"type": "boolean"}, "description": "Take over fields another field manager owns instead of answering 409"}
+                    ],
+                    "requestBody": {"required": true, "content": {
+                        "application/yaml": {"schema": {"type": "string", "description": "Multi-document YAML: the Stack's manifests"}},
+                        "application/json": {"schema": {"$ref": "#/components/schemas/StackPush"}}
+                    }},
+                    "responses": generator_responses(("recorded (200), or accepted without waiting (202)", schema_ref("StackAnswer")), &[
+                        ("409", "another field manager owns a field this push sets (the message names both); repeat with force=true to take it over"),
+                        ("413", "the body is larger than 1 MiB, the content limit of a Stack"),
+                        ("415", "the body is neither application/yaml nor application/json"),
+                        ("422", "the body or the content is invalid (the message is the parser's, as in the Stack's Accepted=False condition)"),
+                    ])
+                },
+                "get": {
+                    "summary": "The Stack's revision, READY n/m, per-agent results (the first 50) and conditions",
+                    "parameters": [
+                        {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 600}},
+                        {"name": "until", "in": "query", "schema": {"type": "string", "enum": ["ready"]}, "description": "With `wait`: answer once every targeted agent is healthy on the current revision (`outcome: ready`), a failure is reported (422 `delivery_failed`), or the wait runs out (`outcome: waiting`)"}
+                    ],
+                    "responses": generator_responses(("the Stack", schema_ref("StackAnswer")), &[
+                        ("404", "no such Stack in the generator's namespace"),
+                        ("422", "`delivery_failed`: an agent failed to apply or reports degraded health, or the content was refused"),
+                    ])
+                },
+                "delete": {
+                    "summary": "Delete the Stack (its agents remove what they applied) and the AgentTarget this generator made for it",
+                    "responses": generator_responses(("deletion started (202)", json!({"type": "object"})), &[("404", "no such Stack in the generator's namespace")])
+                }
+            }
         }
     })
 }

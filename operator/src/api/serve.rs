@@ -108,9 +108,10 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept(), if !at_cap => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let connection = Connection {
+                        peer,
                         app: app.clone(),
                         limits,
                         metrics: metrics.clone(),
@@ -157,6 +158,9 @@ fn http1_only(config: &RustlsConfig) -> RustlsConfig {
 }
 
 struct Connection {
+    /// The client's address, given to handlers as `ConnectInfo` (the audit of failed
+    /// authentications names it).
+    peer: std::net::SocketAddr,
     app: Router,
     limits: ServeLimits,
     metrics: ApiMetrics,
@@ -183,9 +187,11 @@ impl Connection {
     {
         let activity = Arc::new(Activity::new(Instant::now()));
         let app = TowerToHyperService::new(self.app);
+        let peer = axum::extract::ConnectInfo(self.peer);
         let service = service_fn({
             let activity = activity.clone();
-            move |request: Request<Incoming>| {
+            move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(peer);
                 let busy = Busy::start(activity.clone());
                 let response = app.call(request);
                 async move {

@@ -15,10 +15,11 @@ use tracing::instrument;
 
 use super::key_secrets::{KeyStep, agent_secret_name, reconcile_key, revoke_requested_by};
 use super::{
-    Context, Error, Result, label_strings, publish, resource_uid, with_finalizer, write_status,
+    Context, Error, Result, label_strings, publish, resource_uid, spec_field_manager,
+    with_finalizer, write_status,
 };
 use crate::status::{now, to_time};
-use crate::store::audit::AuditResource;
+use crate::store::audit::{AuditEntry, AuditResource, actions};
 use crate::store::{AgentSync, KeyOwner, StoreError};
 
 #[instrument(skip_all, fields(agent = %agent.name_any()))]
@@ -80,6 +81,8 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
         }
         Err(err) => return Err(err.into()),
     };
+
+    audit_suspension(ctx, &agent, &previous, row.id).await?;
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let owner_ref = agent
@@ -190,6 +193,40 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
     );
     write_status(&api, &*agent, Some(&previous), &status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// Records a suspension or resumption the status does not show yet (a first registration
+/// is neither). Written before the status, so a failure is retried, not lost.
+async fn audit_suspension(
+    ctx: &Context,
+    agent: &Agent,
+    previous: &AgentStatus,
+    row_id: uuid::Uuid,
+) -> Result<()> {
+    let Some(phase) = previous.phase else {
+        return Ok(());
+    };
+    let was_suspended = phase == AgentPhase::Suspended;
+    if was_suspended == agent.spec.suspend {
+        return Ok(());
+    }
+    let entry = AuditEntry {
+        actor: spec_field_manager(agent).unwrap_or_else(|| "unknown".into()),
+        action: if agent.spec.suspend {
+            actions::AGENT_SUSPENDED
+        } else {
+            actions::AGENT_RESUMED
+        },
+        resource: AuditResource {
+            kind: "Agent",
+            namespace: None,
+            name: agent.name_any(),
+            id: Some(row_id),
+        },
+        details: serde_json::json!({ "clusterName": agent.spec.cluster_name }),
+    };
+    ctx.store.record_audit(&[entry]).await?;
+    Ok(())
 }
 
 async fn refuse(

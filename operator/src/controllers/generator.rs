@@ -119,6 +119,7 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         active: row.is_active,
         api_key_secret: Some(secret),
         api_key: Some(key.status),
+        last_active_at: row.last_active_at.and_then(crate::status::to_time),
     };
     write_status(&api, &*generator, Some(&previous), &status).await?;
     let refresh = Duration::from_secs(300);

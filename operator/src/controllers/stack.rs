@@ -418,7 +418,11 @@ async fn audit_deletion_outcome(
             kind: "Stack",
             namespace: stack.namespace(),
             name: stack.name_any(),
-            id: resource_uid(stack).ok(),
+            id: stack
+                .status
+                .as_ref()
+                .and_then(|status| status.stack_id.as_deref())
+                .and_then(|id| uuid::Uuid::parse_str(id).ok()),
         },
         details,
     };

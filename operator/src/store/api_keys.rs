@@ -279,8 +279,8 @@ impl Store {
     }
 
     /// Sets `last_used_at` of these keys to now, skipping keys used less than a minute ago
-    /// (another replica may have written it), in one statement. Returns the keys used for
-    /// the first time.
+    /// (another replica may have written it), and `last_active_at` of the generators whose
+    /// keys they are, in one statement. Returns the keys used for the first time.
     pub async fn record_key_use(&self, key_ids: &[Uuid]) -> StoreResult<Vec<FirstUse>> {
         if key_ids.is_empty() {
             return Ok(Vec::new());
@@ -292,8 +292,13 @@ impl Store {
                  WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid) \
                    AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') \
                  FOR UPDATE SKIP LOCKED) \
-             UPDATE api_keys k SET last_used_at = now() FROM due WHERE k.id = due.id \
-             RETURNING k.id, k.prefix, k.agent_id, k.generator_id, due.first",
+             , used AS ( \
+                 UPDATE api_keys k SET last_used_at = now() FROM due WHERE k.id = due.id \
+                 RETURNING k.id, k.prefix, k.agent_id, k.generator_id, due.first) \
+             , active AS ( \
+                 UPDATE generators SET last_active_at = now() \
+                 WHERE id IN (SELECT generator_id FROM used WHERE generator_id IS NOT NULL)) \
+             SELECT * FROM used",
             [ids.into()],
         ))
         .all(&self.db)

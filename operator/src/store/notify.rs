@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | [`DESIRED_CHANNEL`] | `s:<stack id>`: a stack has a new deployment object or deletion marker | `009_notifications` |
 //! | [`DESIRED_CHANNEL`] | `a:<agent id>`: an agent's targets changed, or it reported removing a stack | `009_notifications`, `013_removal_report_notifications` |
-//! | [`DESIRED_CHANNEL`] | `k:<agent id>`: an agent's key, suspension or deletion changed | `011_agent_access_notifications` |
+//! | [`DESIRED_CHANNEL`] | `k:<agent or generator id>`: its keys, suspension or deletion changed | `011_agent_access_notifications`, `016_api_keys`, `017_generator_access_notifications` |
 //! | [`STATUS_CHANNEL`] | `metadata.uid` of a Stack agents reported on | `009_notifications`, `014_status_notifications_by_uid` |
 //! | [`AGENTS_CHANNEL`] | the name of an agent that went Online or Offline | `009_notifications` |
 //!

@@ -215,7 +215,7 @@ impl Store {
             let entry = AuditEntry {
                 actor: audit::OPERATOR_ACTOR.to_owned(),
                 action: actions::STACK_DELETED,
-                resource: stack_resource(&stack.name, stack.resource_uid),
+                resource: stack_resource(&stack.name, stack.id),
                 details: serde_json::json!({
                     "stackId": stack.id,
                     "deletionMarkerId": marker.as_ref().map(|m| m.id),
@@ -369,7 +369,7 @@ fn content_recorded(input: &StackSync<'_>, object: &deployment_objects::Model) -
     AuditEntry {
         actor: author.field_manager.to_owned(),
         action: actions::DEPLOYMENT_RECORDED,
-        resource: stack_resource(input.name, Some(input.resource_uid)),
+        resource: stack_resource(input.name, object.stack_id),
         details: serde_json::json!({
             "stackId": object.stack_id,
             "deploymentObjectId": object.id,
@@ -410,7 +410,7 @@ async fn targets_changed(
     Ok(AuditEntry {
         actor: audit::OPERATOR_ACTOR.to_owned(),
         action: actions::TARGETS_CHANGED,
-        resource: stack_resource(&stack.name, stack.resource_uid),
+        resource: stack_resource(&stack.name, stack.id),
         details: serde_json::json!({
             "stackId": stack.id,
             "added": list(&changed.added),
@@ -419,9 +419,9 @@ async fn targets_changed(
     })
 }
 
-/// A Stack in the audit log, from its database name `<namespace>/<name>`. `id` is the
-/// resource uid: what users find with `kubectl get stack -o jsonpath='{.metadata.uid}'`.
-pub(crate) fn stack_resource(name: &str, id: Option<Uuid>) -> AuditResource {
+/// A Stack in the audit log, from its database name `<namespace>/<name>` and row id (the
+/// Stack's `status.stackId`).
+pub(crate) fn stack_resource(name: &str, id: Uuid) -> AuditResource {
     let (namespace, name) = match name.split_once('/') {
         Some((namespace, name)) => (Some(namespace.to_owned()), name.to_owned()),
         None => (None, name.to_owned()),
@@ -430,7 +430,7 @@ pub(crate) fn stack_resource(name: &str, id: Option<Uuid>) -> AuditResource {
         kind: "Stack",
         namespace,
         name,
-        id,
+        id: Some(id),
     }
 }
 

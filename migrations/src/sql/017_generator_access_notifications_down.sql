@@ -1,0 +1,2 @@
+DROP TRIGGER notify_generator_access_deleted ON generators;
+DROP TRIGGER notify_generator_access_updated ON generators;
