@@ -27,8 +27,8 @@ pub struct KeySecret {
     pub data_key: String,
 }
 
-/// How long a renewed key whose Secret cannot be written waits before the agent uses it
-/// anyway (the previous key stays valid for the overlap, an hour by default).
+/// How long a renewed key whose Secret cannot be written waits at most before the agent
+/// uses it anyway (sooner when the previous key's overlap ends sooner).
 const SWITCH_ANYWAY: Duration = Duration::from_secs(10 * 60);
 
 /// Longest pause between attempts to write the Secret, or to renew the key.
@@ -78,6 +78,19 @@ pub async fn renew_keys(
     }
 }
 
+/// How long to keep trying to store a renewed key before using it anyway: half of what is
+/// left of the previous key's validity, at most [`SWITCH_ANYWAY`]. An unstored key in use
+/// beats being locked out when the previous one ends.
+fn switch_anyway_after(
+    previous_valid_until: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    now: Timestamp,
+) -> Duration {
+    previous_valid_until
+        // Already past: at once.
+        .map(|until| Duration::try_from(now.duration_until(until.0)).unwrap_or(Duration::ZERO))
+        .map_or(SWITCH_ANYWAY, |left| (left / 2).min(SWITCH_ANYWAY))
+}
+
 /// Writes the new key to the Secret (retrying), then switches to it.
 async fn store_and_use(
     hub: &HubClient,
@@ -95,6 +108,8 @@ async fn store_and_use(
         expires_at: rotated.expires_at.clone(),
     };
     let started = Instant::now();
+    let switch_anyway =
+        switch_anyway_after(rotated.previous_key_valid_until.as_ref(), Timestamp::now());
     let mut switched = false;
     let mut pause = Duration::from_secs(1);
     loop {
@@ -105,7 +120,7 @@ async fn store_and_use(
             }
             Err(err) => {
                 tracing::warn!(prefix = %rotated.prefix, secret = %secret.name, error = %error_chain(&err), "failed to write the renewed agent key to its Secret; retrying");
-                if !switched && started.elapsed() >= SWITCH_ANYWAY {
+                if !switched && started.elapsed() >= switch_anyway {
                     tracing::warn!(prefix = %rotated.prefix, secret = %secret.name, "using the renewed key before it is stored: an agent restarted before the Secret is written starts with the previous key, valid only for the overlap");
                     hub.use_key(key.clone(), Some(lifetime.clone()));
                     switched = true;
@@ -144,6 +159,24 @@ async fn write_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unstored_key_is_used_before_the_previous_one_ends() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let until = |seconds: i64| Time(Timestamp::from_second(1_000_000 + seconds).unwrap());
+        assert_eq!(
+            switch_anyway_after(Some(&until(40)), now),
+            Duration::from_secs(20)
+        );
+        assert_eq!(switch_anyway_after(Some(&until(3600)), now), SWITCH_ANYWAY);
+        assert_eq!(switch_anyway_after(Some(&until(-5)), now), Duration::ZERO);
+        assert_eq!(
+            switch_anyway_after(None, now),
+            SWITCH_ANYWAY,
+            "an older hub"
+        );
+    }
 
     #[test]
     fn a_key_is_due_once_two_thirds_of_its_lifetime_have_passed() {

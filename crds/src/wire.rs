@@ -240,6 +240,11 @@ pub struct RotatedKey {
     pub prefix: String,
     pub issued_at: Time,
     pub expires_at: Time,
+    /// Until when the key this request was sent with stays valid (the Agent's
+    /// `keyPolicy.overlap` from now). An agent that cannot store the new key switches to
+    /// it before then rather than be locked out. Absent from older hubs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_valid_until: Option<Time>,
 }
 
 impl std::fmt::Debug for RotatedKey {

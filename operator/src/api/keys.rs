@@ -110,6 +110,11 @@ pub(super) async fn rotate(
             "secret": format!("{}/{secret}", access.namespace),
         }),
     };
+    let previous_valid_until = pending
+        .revoked
+        .iter()
+        .find(|k| k.id == agent.key.id)
+        .and_then(|k| k.revoked_at);
     let (row, _) = pending.commit(&[audit]).await?;
     info!(agent = %agent.name, prefix = %row.prefix, previous = %agent.key.prefix, "agent rotated its key");
     let time = |at| {
@@ -121,6 +126,7 @@ pub(super) async fn rotate(
         prefix: row.prefix,
         issued_at: time(row.created_at)?,
         expires_at: time(row.expires_at)?,
+        previous_key_valid_until: previous_valid_until.and_then(to_time),
     }))
 }
 
