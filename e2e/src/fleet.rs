@@ -80,6 +80,11 @@ impl Fleet {
         })
     }
 
+    /// The `brokkr-operator` binary under test (for its other commands, e.g. `audit`).
+    pub fn operator_binary(&self) -> &std::path::Path {
+        &self.binaries.operator
+    }
+
     /// Where the binaries' logs are.
     pub fn log_dir(&self) -> &std::path::Path {
         self.logs.path()
@@ -239,9 +244,21 @@ impl Fleet {
         spoke: usize,
         hub_url: &str,
     ) -> FleetResult<()> {
+        self.start_agent_with(name, spoke, hub_url, &[]).await
+    }
+
+    /// [`Fleet::start_agent_via`] with more environment variables (e.g. the key Secret the
+    /// agent renews its key into).
+    pub async fn start_agent_with(
+        &mut self,
+        name: &str,
+        spoke: usize,
+        hub_url: &str,
+        extra_env: &[(&str, String)],
+    ) -> FleetResult<()> {
         let key = self.agent_key(name).await?;
         let metrics = free_addr()?;
-        let env = [
+        let mut env = vec![
             ("BROKKR_HUB_URL", hub_url.to_owned()),
             ("BROKKR_AGENT_KEY", key),
             ("BROKKR_AGENT_NAME", name.to_owned()),
@@ -255,6 +272,7 @@ impl Fleet {
             ("BROKKR_POLL_WAIT", "30s".to_owned()),
             ("RUST_LOG", "info".to_owned()),
         ];
+        env.extend(extra_env.iter().cloned());
         let program = self
             .binaries
             .agent
