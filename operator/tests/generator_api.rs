@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use brokkr_crds::{AgentTarget, Generator, Stack};
-use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, KeyAccess};
+use brokkr_operator::api;
 use brokkr_operator::store::EventReport;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -29,23 +29,7 @@ struct Pipeline {
 impl Pipeline {
     async fn start() -> Pipeline {
         let hub = Hub::start().await;
-        let changes = ChangeFeed::default();
-        tokio::spawn(
-            changes
-                .clone()
-                .listen(hub.db.url().to_owned(), hub.store.clone()),
-        );
-        let app = api::app(
-            ApiState::new(hub.store.clone(), changes, ApiConfig::default()).with_key_access(
-                KeyAccess {
-                    client: hub.cluster.client.clone(),
-                    namespace: hub.operator_namespace().to_owned(),
-                },
-            ),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, app).into_future());
+        let url = hub.serve_api().await;
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         Pipeline { hub, url, http }
     }

@@ -12,7 +12,7 @@ use brokkr_agent::{AgentKey, Config};
 use brokkr_crds::conditions::{reasons, types};
 use brokkr_crds::wire::RotatedKey;
 use brokkr_crds::{Agent, AgentSpec, Generator, GeneratorSpec, KeyPolicy, REVOKE_KEY_ANNOTATION};
-use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, KeyAccess, RateLimit};
+use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, RateLimit};
 use brokkr_operator::keys::{issue_key, key_prefix};
 use brokkr_operator::store::audit::{AuditQuery, actions};
 use brokkr_operator::store::{GeneratorSync, KeyOwner, NewKey, Revoke, Store};
@@ -267,26 +267,6 @@ async fn a_flood_of_requests_with_one_key_gets_429_with_retry_after() {
     assert!((1..=2).contains(&retry), "{retry}");
 }
 
-/// A hub whose agent API can rotate keys (it reads Agents and writes key Secrets).
-async fn rotating_api(hub: &Hub) -> Router {
-    let changes = ChangeFeed::default();
-    tokio::spawn(
-        changes
-            .clone()
-            .listen(hub.db.url().to_owned(), hub.store.clone()),
-    );
-    let app = api::app(
-        ApiState::new(hub.store.clone(), changes, ApiConfig::default()).with_key_access(
-            KeyAccess {
-                client: hub.cluster.client.clone(),
-                namespace: hub.namespace().to_owned(),
-            },
-        ),
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    app
-}
-
 /// An Agent of this test with `keyPolicy`.
 async fn agent_with_policy(hub: &Hub, short: &str, policy: KeyPolicy) -> Agent {
     let mut agent = Agent::new(
@@ -359,7 +339,7 @@ fn key_condition(agent: &Agent) -> Option<(String, String, String)> {
 async fn an_agent_rotates_its_key_the_old_one_works_during_the_overlap_and_the_hub_secret_follows()
 {
     let hub = Hub::start().await;
-    let app = rotating_api(&hub).await;
+    let app = hub.api_app().await;
     let agent = agent_with_policy(
         &hub,
         "edge",
@@ -482,7 +462,7 @@ async fn poke(hub: &Hub, name: &str, value: &str) {
 #[tokio::test]
 async fn the_revoke_annotation_revokes_every_key_at_once_and_issues_a_new_one() {
     let hub = Hub::start().await;
-    let app = rotating_api(&hub).await;
+    let app = hub.api_app().await;
     let agent = hub.create_agent("edge", &[]).await;
     let name = agent.name_any();
     let old = issued_key(&hub, &name).await;
@@ -620,7 +600,7 @@ async fn a_real_agent_renews_its_key_writes_its_secret_and_no_request_fails() {
     let logs = CapturedLogs::install();
     let hub = Hub::start().await;
     let spoke = TestCluster::from_env_var("BROKKR_E2E_SPOKE_KUBECONFIG").await;
-    let app = rotating_api(&hub).await;
+    let app = hub.api_app().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(axum::serve(listener, app.clone()).into_future());

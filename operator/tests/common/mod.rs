@@ -193,23 +193,38 @@ impl Hub {
             .build()
     }
 
-    /// Serves the agent API for this hub's database on 127.0.0.1; returns its URL.
-    pub async fn serve_api(&self) -> String {
-        use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
+    /// The hub's HTTP API (agent and generator routes) for this hub's database, able to
+    /// rotate keys and apply Stacks with the cluster's client, once its change feed listens.
+    pub async fn api_app(&self) -> axum::Router {
+        use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, KeyAccess};
         let changes = ChangeFeed::default();
         tokio::spawn(
             changes
                 .clone()
                 .listen(self.db.url().to_owned(), self.store.clone()),
         );
-        let app = api::app(ApiState::new(
-            self.store.clone(),
-            changes,
-            ApiConfig {
-                heartbeat_interval: Duration::from_secs(1),
-                ..ApiConfig::default()
-            },
-        ));
+        let app = api::app(
+            ApiState::new(
+                self.store.clone(),
+                changes,
+                ApiConfig {
+                    heartbeat_interval: Duration::from_secs(1),
+                    ..ApiConfig::default()
+                },
+            )
+            .with_key_access(KeyAccess {
+                client: self.cluster.client.clone(),
+                namespace: self.operator_namespace().to_owned(),
+            }),
+        );
+        // The feed's LISTEN is set up in the background; give it a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app
+    }
+
+    /// Serves [`Hub::api_app`] on 127.0.0.1; returns its URL.
+    pub async fn serve_api(&self) -> String {
+        let app = self.api_app().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the agent API");
