@@ -8,7 +8,7 @@ pub mod changes;
 mod error;
 pub mod generator;
 mod heartbeats;
-mod keys;
+mod key_lifecycle;
 mod limits;
 mod objects;
 mod openapi;
@@ -36,7 +36,7 @@ use uuid::Uuid;
 pub use auth::{AuthCache, Authenticated, AuthenticatedAgent, PresentedKey, authenticate};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
-pub use keys::{KEY_USE_RESOLUTION, KeyAccess};
+pub use key_lifecycle::{KEY_USE_RESOLUTION, KeyAccess};
 pub use limits::RateLimit;
 pub use serve::{ServeLimits, serve};
 
@@ -97,7 +97,7 @@ pub struct ApiState {
     heartbeats: Arc<Heartbeats>,
     config: Arc<ApiConfig>,
     limits: Arc<AuthLimits>,
-    key_use: Arc<keys::KeyUse>,
+    key_use: Arc<key_lifecycle::KeyUse>,
     auth_failures: Arc<auth_failures::AuthFailures>,
     /// Without it, agents cannot renew their keys here (501).
     key_access: Option<Arc<KeyAccess>>,
@@ -148,7 +148,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/deployment-objects/{id}", get(deployment_object))
         .route("/events", post(events))
         .route("/heartbeat", post(heartbeat))
-        .route("/key", post(keys::rotate))
+        .route("/key", post(key_lifecycle::rotate))
         .layer(middleware::from_fn_with_state(
             state.config.request_timeout,
             deadline,
