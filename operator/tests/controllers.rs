@@ -1388,3 +1388,60 @@ async fn agents_go_online_with_heartbeats_and_offline_after_three_missed() {
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn suspending_and_resuming_an_agent_is_audited_once_each_with_who_did_it() {
+    let hub = Hub::start().await;
+    let agent = hub.create_agent("edge", &[]).await;
+    let name = agent.name_any();
+    let agents: Api<Agent> = Api::all(hub.cluster.client.clone());
+    let phase_is = |phase: &'static str| {
+        let agents = agents.clone();
+        let name = name.clone();
+        move || {
+            let agents = agents.clone();
+            let name = name.clone();
+            async move {
+                let agent = agents.get(&name).await.ok()?;
+                (agent.status?.phase?.as_str() == phase).then_some(())
+            }
+        }
+    };
+    eventually("registered", phase_is("Pending")).await;
+    for (suspend, phase) in [(true, "Suspended"), (false, "Pending")] {
+        agents
+            .patch(
+                &name,
+                &PatchParams::apply("ops-team").force(),
+                &Patch::Apply(serde_json::json!({
+                    "apiVersion": "brokkr.io/v1alpha1",
+                    "kind": "Agent",
+                    "metadata": {"name": name},
+                    "spec": {"clusterName": "cluster-edge", "suspend": suspend},
+                })),
+            )
+            .await
+            .unwrap();
+        eventually(phase, phase_is(phase)).await;
+    }
+    let rows = hub
+        .store
+        .audit_entries(&brokkr_operator::store::AuditQuery {
+            kind: Some("Agent".into()),
+            name: Some(name.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let suspensions: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|row| row.action.starts_with("Agent"))
+        .map(|row| (row.action.as_str(), row.actor.as_str()))
+        .collect();
+    assert_eq!(
+        suspensions,
+        [("AgentSuspended", "ops-team"), ("AgentResumed", "ops-team")],
+        "{rows:?}"
+    );
+    hub.stop().await;
+}
