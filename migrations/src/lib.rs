@@ -104,6 +104,12 @@ sql_migration!(
     "017_generator_access_notifications"
 );
 
+sql_migration!(
+    RevisionLineage,
+    "m20261130_000018_revision_lineage",
+    "018_revision_lineage"
+);
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -128,6 +134,7 @@ impl MigratorTrait for Migrator {
             Box::new(AuditLog),
             Box::new(ApiKeys),
             Box::new(GeneratorAccessNotifications),
+            Box::new(RevisionLineage),
         ]
     }
 }

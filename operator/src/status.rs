@@ -397,6 +397,8 @@ mod tests {
             submitted_at: Utc::now(),
             is_deletion_marker: marker,
             generator_id: Uuid::nil(),
+            parent_id: None,
+            recorded_by: None,
         }
     }
 

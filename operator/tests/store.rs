@@ -1470,3 +1470,57 @@ async fn a_failed_change_leaves_no_audit_row_and_pruning_goes_in_batches() {
     let left = f.store.audit_entries(&AuditQuery::default()).await.unwrap();
     assert_eq!(left.len(), 1, "recent rows stay");
 }
+
+#[tokio::test]
+async fn revisions_know_their_parent_and_author_and_cannot_be_rewritten() {
+    let f = Fixture::new().await;
+    let generator = f.generator("ci").await;
+    let resource_uid = Uuid::new_v4();
+    let sync = |yaml: &'static str, manager: &'static str| StackSync {
+        resource_uid,
+        name: "ns/app",
+        description: None,
+        generator_id: generator,
+        labels: None,
+        annotations: None,
+        content: Some(StackContent {
+            yaml,
+            checksum: Box::leak(checksum(yaml).into_boxed_str()),
+        }),
+        author: Some(ContentAuthor {
+            field_manager: manager,
+            generator: "ci",
+        }),
+    };
+    let first = f.store.sync_stack(&sync("a: 1", "kubectl")).await.unwrap();
+    let second = f.store.sync_stack(&sync("a: 2", "helm")).await.unwrap();
+    let [first, second] = [first, second].map(|s| s.deployment_object.unwrap());
+    assert_eq!(
+        (first.parent_id, first.recorded_by.as_deref()),
+        (None, Some("kubectl"))
+    );
+    assert_eq!(
+        (second.parent_id, second.recorded_by.as_deref()),
+        (Some(first.id), Some("helm"))
+    );
+    // The deletion marker starts no lineage of its own.
+    let marker = f
+        .store
+        .soft_delete_stack(first.stack_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(marker.is_deletion_marker);
+    assert_eq!(marker.parent_id, None);
+
+    for column in ["parent_id = NULL", "recorded_by = 'someone else'"] {
+        let err = f
+            .exec(&format!(
+                "UPDATE deployment_objects SET {column} WHERE id = '{}'",
+                second.id
+            ))
+            .await
+            .expect_err("history is immutable");
+        assert!(err.to_string().contains("immutable"), "{column}: {err}");
+    }
+}

@@ -17,6 +17,11 @@ pub struct Model {
     pub submitted_at: DateTimeUtc,
     pub is_deletion_marker: bool,
     pub generator_id: Uuid,
+    /// The revision being delivered when this one was recorded (`None` for the first, and
+    /// for deletion markers).
+    pub parent_id: Option<Uuid>,
+    /// The field manager that changed the Stack's content.
+    pub recorded_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -94,7 +94,9 @@ impl Store {
         }
         let (deployment_object, created_deployment_object) = match input.content {
             Some(content) => {
-                let (object, created) = record_deployment_object(&txn, &stack, content).await?;
+                let recorded_by = input.author.map(|author| author.field_manager);
+                let (object, created) =
+                    record_deployment_object(&txn, &stack, content, recorded_by).await?;
                 if created {
                     audit::insert(&txn, &[content_recorded(input, &object)]).await?;
                 }
@@ -124,7 +126,7 @@ impl Store {
             .one(&txn)
             .await?
             .ok_or_else(|| StoreError::not_found(format!("live stack {stack_id}")))?;
-        let recorded = record_deployment_object(&txn, &stack, content).await?;
+        let recorded = record_deployment_object(&txn, &stack, content, None).await?;
         txn.commit().await?;
         Ok(recorded)
     }
@@ -357,9 +359,6 @@ pub(super) async fn latest_live_deployment_object(
         .await?)
 }
 
-/// Inserts `content` unless the stack's current deployment object already has its
-/// checksum. Callers hold the stack row (or run in the transaction that wrote it), so
-/// two writers of one stack never both insert.
 /// The audit row of a newly recorded deployment object.
 fn content_recorded(input: &StackSync<'_>, object: &deployment_objects::Model) -> AuditEntry {
     let author = input.author.unwrap_or(ContentAuthor {
@@ -434,22 +433,36 @@ pub(crate) fn stack_resource(name: &str, id: Uuid) -> AuditResource {
     }
 }
 
+/// Inserts `content` unless the stack's current deployment object already has its
+/// checksum. Callers hold the stack row (or run in the transaction that wrote it), so
+/// two writers of one stack never both insert.
+/// The new object's parent is the revision that was being delivered when it was recorded
+/// (the version tree); `recorded_by` is who changed the content.
 async fn record_deployment_object(
     db: &impl ConnectionTrait,
     stack: &stacks::Model,
     content: StackContent<'_>,
+    recorded_by: Option<&str>,
 ) -> StoreResult<(deployment_objects::Model, bool)> {
     stacks::Entity::find_by_id(stack.id)
         .lock(LockType::Update)
         .one(db)
         .await?;
-    if let Some(current) = latest_live_deployment_object(db, stack.id).await?
+    let current = latest_live_deployment_object(db, stack.id).await?;
+    if let Some(current) = &current
         && !current.is_deletion_marker
         && current.yaml_checksum == content.checksum
     {
-        return Ok((current, false));
+        return Ok((current.clone(), false));
+    }
+    if let Some(recorded_by) = recorded_by {
+        check_len("recorded by", recorded_by, limits::NAME)?;
     }
     let created = deployment_objects::ActiveModel {
+        parent_id: Set(current
+            .filter(|current| !current.is_deletion_marker)
+            .map(|current| current.id)),
+        recorded_by: Set(recorded_by.map(str::to_owned)),
         id: Set(Uuid::now_v7()),
         stack_id: Set(stack.id),
         yaml_content: Set(content.yaml.to_owned()),
