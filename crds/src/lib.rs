@@ -40,8 +40,9 @@ pub use generator::{Generator, GeneratorSpec, GeneratorStatus};
 pub use identity::ObjectKey;
 pub use policy::{DeletionPolicy, DriftPolicy, IgnoreDifference, StackPolicy};
 pub use stack::{
-    AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS, Stack,
-    StackAgentStatus, StackSpec, StackStatus, ready_ratio,
+    AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS,
+    MAX_HISTORY_IN_STATUS, Stack, StackAgentStatus, StackRevision, StackSpec, StackStatus,
+    ready_ratio,
 };
 pub use validation::{
     ANNOTATION_KEY_MAX_LEN, ANNOTATION_VALUE_MAX_LEN, MAX_ANNOTATIONS, SpecError,

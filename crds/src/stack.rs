@@ -14,6 +14,8 @@ use crate::validation::{
 /// Most agents listed in `status.agents`. The operator lists failing agents first and
 /// drops the rest; the counts in the status always cover every targeted agent.
 pub const MAX_AGENTS_IN_STATUS: usize = 50;
+/// Most revisions kept in `status.history`.
+pub const MAX_HISTORY_IN_STATUS: usize = 10;
 
 /// What a Stack delivers: Kubernetes objects, given either as a list (`resources`) or as
 /// multi-document YAML (`manifests`), exactly one of the two. Every change of content is
@@ -53,7 +55,7 @@ pub const MAX_AGENTS_IN_STATUS: usize = 50;
         description = "Healthy agents / targeted agents"
     ),
     printcolumn(
-        name = "Seq",
+        name = "Revision",
         type_ = "integer",
         json_path = ".status.deploymentObject.sequence",
         description = "Sequence number of the current deployment object"
@@ -243,6 +245,31 @@ pub struct StackStatus {
     /// cover every agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<StackAgentStatus>,
+
+    /// The last revisions recorded (at most 10), newest first: what `kubectl get stack -o
+    /// yaml` shows of the Stack's history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<StackRevision>,
+}
+
+/// One recorded revision of a Stack's content.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StackRevision {
+    /// The revision's sequence: the deployment object's position in the fleet-wide order.
+    pub sequence: i64,
+    /// The first 12 hex digits of the content's SHA-256.
+    pub checksum: String,
+    /// When it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_at: Option<Time>,
+    /// Who changed the content: the field manager of the spec change (`kubectl-client-side-apply`,
+    /// `helm`, `brokkr.io/generator/ci`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
+    /// The Generator the Stack belonged to then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator: Option<String>,
 }
 
 /// The deployment object an agent is asked to apply: one recorded version of a Stack's content.

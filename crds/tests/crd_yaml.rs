@@ -104,7 +104,7 @@ fn kubectl_get_shows_the_columns_users_ask_for() {
             ("GENERATOR", "string", ".spec.generatorRef.name"),
             ("TARGETS", "integer", ".status.targetedAgents"),
             ("READY", "string", ".status.ready"),
-            ("SEQ", "integer", ".status.deploymentObject.sequence"),
+            ("REVISION", "integer", ".status.deploymentObject.sequence"),
             age,
         ])
     );

@@ -328,7 +328,7 @@ impl Fleet {
                 "GENERATOR",
                 "TARGETS",
                 "READY",
-                "SEQ",
+                "REVISION",
                 "ACCEPTED",
             ]
             .map(str::to_owned),

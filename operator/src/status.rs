@@ -12,6 +12,24 @@ use brokkr_crds::{
 use crate::entity::deployment_objects;
 use crate::store::AgentStackStatus;
 
+/// `status.history` from the store's revisions, newest first.
+pub fn stack_history(revisions: &[crate::store::Revision]) -> Vec<brokkr_crds::StackRevision> {
+    revisions
+        .iter()
+        .take(brokkr_crds::MAX_HISTORY_IN_STATUS)
+        .map(|revision| brokkr_crds::StackRevision {
+            sequence: revision.sequence_id,
+            checksum: revision.yaml_checksum.chars().take(12).collect(),
+            recorded_at: to_time(revision.created_at),
+            recorded_by: revision.recorded_by.clone(),
+            generator: revision
+                .generator
+                .as_deref()
+                .map(|name| name.rsplit('/').next().unwrap_or(name).to_owned()),
+        })
+        .collect()
+}
+
 /// Whether the Stack's current spec could be recorded, and if not why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Acceptance {
@@ -217,6 +235,11 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
         failed_agents: failed.len() as i32,
         ready: Some(ready_ratio(healthy, targeted)),
         agents,
+        // The caller puts the store's history in; until then the last one shown stays.
+        history: input
+            .previous
+            .map(|previous| previous.history.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -34,7 +34,7 @@ use super::{
     with_finalizer, write_status,
 };
 use crate::render::{Rendered, render_manifests, render_resources};
-use crate::status::{Acceptance, StackStatusInput, now, stack_status};
+use crate::status::{Acceptance, StackStatusInput, now, stack_history, stack_status};
 use crate::store::audit::{OPERATOR_ACTOR, actions, bounded_list};
 use crate::store::{AuditEntry, AuditResource, ContentAuthor, StackContent, StackSync, StoreError};
 use serde_json::json;
@@ -208,8 +208,12 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         Some(object) => ctx.store.stack_status(synced.stack.id, object.id).await?,
         None => Vec::new(),
     };
+    let history = ctx
+        .store
+        .stack_history(synced.stack.id, brokkr_crds::MAX_HISTORY_IN_STATUS as u64)
+        .await?;
     let previous = stack.status.clone();
-    let status = stack_status(StackStatusInput {
+    let mut status = stack_status(StackStatusInput {
         generation: stack.metadata.generation,
         stack_id: Some(synced.stack.id.to_string()),
         deployment_object: synced.deployment_object.as_ref(),
@@ -218,6 +222,7 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         previous: previous.as_ref(),
         now: now(),
     });
+    status.history = stack_history(&history);
     announce_refusal(ctx, &reference, previous.as_ref(), &status).await;
     write_status(&api, &stack, previous.as_ref(), &status).await?;
     Ok(Action::requeue(ctx.config.status_refresh))

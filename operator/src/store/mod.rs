@@ -29,7 +29,7 @@ pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
 pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;
-pub use stacks::{ContentAuthor, StackContent, StackSync, StackSynced, TargetsChanged};
+pub use stacks::{ContentAuthor, Revision, StackContent, StackSync, StackSynced, TargetsChanged};
 
 /// Column sizes of the schema, checked before every write so that nothing is truncated;
 /// the CRDs' spec checks use the same ones.

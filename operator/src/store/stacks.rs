@@ -2,8 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sea_orm::sea_query::{Expr, LockType};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -56,6 +56,17 @@ pub struct StackSynced {
     pub deployment_object: Option<deployment_objects::Model>,
     /// Whether this call wrote a new deployment object.
     pub created_deployment_object: bool,
+}
+
+/// One recorded revision of a stack, as [`Store::stack_history`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, FromQueryResult)]
+pub struct Revision {
+    pub sequence_id: i64,
+    pub yaml_checksum: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub recorded_by: Option<String>,
+    /// The generator's database name, `<namespace>/<name>`.
+    pub generator: Option<String>,
 }
 
 /// What [`Store::replace_stack_targets`] changed.
@@ -285,6 +296,25 @@ impl Store {
         }
         txn.commit().await?;
         Ok(changed)
+    }
+
+    /// The stack's last `limit` revisions (live, non-marker deployment objects), newest
+    /// first, with the name of the generator each was recorded for.
+    pub async fn stack_history(&self, stack_id: Uuid, limit: u64) -> StoreResult<Vec<Revision>> {
+        const HISTORY: &str = r#"
+SELECT d.sequence_id, d.yaml_checksum, d.created_at, d.recorded_by, g.name AS generator
+FROM deployment_objects d
+LEFT JOIN generators g ON g.id = d.generator_id
+WHERE d.stack_id = $1 AND d.deleted_at IS NULL AND NOT d.is_deletion_marker
+ORDER BY d.sequence_id DESC
+LIMIT $2
+"#;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(
+            Revision::find_by_statement(super::statement(HISTORY, [stack_id.into(), limit.into()]))
+                .all(&self.db)
+                .await?,
+        )
     }
 
     /// Agents currently targeted at a stack.
