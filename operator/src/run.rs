@@ -114,7 +114,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             },
         )
         .with_metrics(metrics.api.clone())
-        .with_key_access(api::KeyAccess {
+        .with_cluster_access(api::ClusterAccess {
             client: client.clone(),
             namespace: args.namespace(),
         }),

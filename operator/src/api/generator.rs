@@ -104,7 +104,7 @@ impl FromRequestParts<ApiState> for CallingGenerator {
 
 fn client(state: &ApiState) -> Result<Client, ApiError> {
     state
-        .key_access
+        .cluster_access
         .as_ref()
         .map(|access| access.client.clone())
         .ok_or_else(|| {

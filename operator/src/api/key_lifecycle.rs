@@ -23,10 +23,11 @@ use crate::status::to_time;
 use crate::store::audit::{AuditEntry, AuditResource, actions};
 use crate::store::{KeyHolder, KeyOwner, NewKey, Revoke, Store};
 
-/// What the hub needs to renew agent keys: the Agent resources (for `keyPolicy`) and the
-/// key Secrets in the operator's namespace.
+/// The hub cluster, for the API calls that change resources: agents renewing their keys
+/// (the Agents' `keyPolicy`, the key Secrets in `namespace`, the operator's) and
+/// generators pushing Stacks.
 #[derive(Clone)]
-pub struct KeyAccess {
+pub struct ClusterAccess {
     pub client: Client,
     /// The operator's namespace, where `brokkr-agent-<name>` Secrets live.
     pub namespace: String,
@@ -40,7 +41,7 @@ pub(super) async fn rotate(
     agent: AuthenticatedAgent,
     State(state): State<ApiState>,
 ) -> Result<Json<RotatedKey>, ApiError> {
-    let Some(access) = state.key_access.as_deref() else {
+    let Some(access) = state.cluster_access.as_deref() else {
         return Err(ApiError::NotImplemented(
             "this hub keeps no key Secrets (no Kubernetes client); it cannot rotate keys".into(),
         ));

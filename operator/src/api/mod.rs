@@ -36,7 +36,7 @@ use uuid::Uuid;
 pub use auth::{AuthCache, Authenticated, AuthenticatedAgent, PresentedKey, authenticate};
 pub use changes::{Change, ChangeFeed};
 pub use error::ApiError;
-pub use key_lifecycle::{KEY_USE_RESOLUTION, KeyAccess};
+pub use key_lifecycle::{ClusterAccess, KEY_USE_RESOLUTION};
 pub use limits::RateLimit;
 pub use serve::{ServeLimits, serve};
 
@@ -99,8 +99,9 @@ pub struct ApiState {
     limits: Arc<AuthLimits>,
     key_use: Arc<key_lifecycle::KeyUse>,
     auth_failures: Arc<auth_failures::AuthFailures>,
-    /// Without it, agents cannot renew their keys here (501).
-    key_access: Option<Arc<KeyAccess>>,
+    /// Without it, agents cannot renew their keys here and the generator API cannot
+    /// apply Stacks (501).
+    cluster_access: Option<Arc<ClusterAccess>>,
     metrics: ApiMetrics,
 }
 
@@ -115,16 +116,17 @@ impl ApiState {
             limits: Arc::new(AuthLimits::new(config.key_rate, config.unknown_key_rate)),
             key_use: Arc::default(),
             auth_failures: Arc::default(),
-            key_access: None,
+            cluster_access: None,
             config: Arc::new(config),
             metrics: ApiMetrics::default(),
         }
     }
 
-    /// Lets agents renew their keys (`POST /api/v1/agent/key`): the Agent resources and the
-    /// key Secrets in the operator's namespace are read and written with `access.client`.
-    pub fn with_key_access(mut self, access: KeyAccess) -> ApiState {
-        self.key_access = Some(Arc::new(access));
+    /// Lets agents renew their keys (`POST /api/v1/agent/key`: the Agent resources and the
+    /// key Secrets in the operator's namespace) and generators push Stacks
+    /// (`/api/v1/generator/*`), with `access.client`.
+    pub fn with_cluster_access(mut self, access: ClusterAccess) -> ApiState {
+        self.cluster_access = Some(Arc::new(access));
         self
     }
 

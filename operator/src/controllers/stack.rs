@@ -208,11 +208,22 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         Some(object) => ctx.store.stack_status(synced.stack.id, object.id).await?,
         None => Vec::new(),
     };
-    let history = ctx
-        .store
-        .stack_history(synced.stack.id, brokkr_crds::MAX_HISTORY_IN_STATUS as u64)
-        .await?;
     let previous = stack.status.clone();
+    // The history changes only with a new revision: read it when the newest one shown is
+    // not the one being delivered, not on every status refresh.
+    let shown_head = previous
+        .as_ref()
+        .and_then(|status| status.history.first())
+        .map(|revision| revision.sequence);
+    let history = if shown_head == synced.deployment_object.as_ref().map(|o| o.sequence_id) {
+        None
+    } else {
+        Some(
+            ctx.store
+                .stack_history(synced.stack.id, brokkr_crds::MAX_HISTORY_IN_STATUS as u64)
+                .await?,
+        )
+    };
     let mut status = stack_status(StackStatusInput {
         generation: stack.metadata.generation,
         stack_id: Some(synced.stack.id.to_string()),
@@ -222,7 +233,9 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         previous: previous.as_ref(),
         now: now(),
     });
-    status.history = stack_history(&history);
+    if let Some(history) = &history {
+        status.history = stack_history(history);
+    }
     announce_refusal(ctx, &reference, previous.as_ref(), &status).await;
     write_status(&api, &stack, previous.as_ref(), &status).await?;
     Ok(Action::requeue(ctx.config.status_refresh))

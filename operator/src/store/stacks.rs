@@ -429,13 +429,13 @@ async fn targets_changed(
         .into_iter()
         .map(|agent| (agent.id, agent.name))
         .collect();
-    let named = |ids: &[Uuid]| -> Vec<String> {
-        ids.iter()
-            .take(audit::MAX_LISTED)
+    let list = |ids: &[Uuid]| {
+        let named: Vec<String> = ids
+            .iter()
             .map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
-            .collect()
+            .collect();
+        audit::bounded_list(&named)
     };
-    let list = |ids: &[Uuid]| serde_json::json!({ "count": ids.len(), "items": named(ids) });
     Ok(AuditEntry {
         actor: audit::OPERATOR_ACTOR.to_owned(),
         action: actions::TARGETS_CHANGED,

@@ -196,7 +196,7 @@ impl Hub {
     /// The hub's HTTP API (agent and generator routes) for this hub's database, able to
     /// rotate keys and apply Stacks with the cluster's client, once its change feed listens.
     pub async fn api_app(&self) -> axum::Router {
-        use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, KeyAccess};
+        use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed, ClusterAccess};
         let changes = ChangeFeed::default();
         tokio::spawn(
             changes
@@ -212,7 +212,7 @@ impl Hub {
                     ..ApiConfig::default()
                 },
             )
-            .with_key_access(KeyAccess {
+            .with_cluster_access(ClusterAccess {
                 client: self.cluster.client.clone(),
                 namespace: self.operator_namespace().to_owned(),
             }),
