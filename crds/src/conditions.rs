@@ -35,6 +35,11 @@ pub mod types {
     pub const DRIFTED: &str = "Drifted";
     /// Agent and Generator: less than 10 % of the current key's lifetime is left.
     pub const KEY_EXPIRING: &str = "KeyExpiring";
+    /// Stack: `spec.pinnedRevision` holds every agent at a recorded revision.
+    pub const PINNED: &str = "Pinned";
+    /// Stack: the rollout stopped moving agents (an agent failed, is degraded or did not
+    /// become healthy in time).
+    pub const ROLLOUT_HALTED: &str = "RolloutHalted";
 }
 
 /// Condition reasons (CamelCase, as Kubernetes expects).
@@ -107,6 +112,26 @@ pub mod reasons {
     pub const KEY_VALID: &str = "KeyValid";
     /// The key expired before it was rotated.
     pub const KEY_EXPIRED: &str = "KeyExpired";
+
+    // Stack revisions and rollouts.
+    /// `spec.pinnedRevision` names no revision of the Stack (`Accepted=False`).
+    pub const UNKNOWN_REVISION: &str = "UnknownRevision";
+    /// `Pinned=True`: agents are held at the pinned revision.
+    pub const PINNED: &str = "Pinned";
+    /// `Pinned=False`: the pin was removed; the newest revision is delivered.
+    pub const UNPINNED: &str = "Unpinned";
+    /// `RolloutHalted=True`: an agent failed to apply the new revision.
+    pub const ROLLOUT_APPLY_FAILED: &str = "ApplyFailed";
+    /// `RolloutHalted=True`: an agent reports the new revision degraded.
+    pub const ROLLOUT_DEGRADED: &str = "Degraded";
+    /// `RolloutHalted=True`: an agent did not report the new revision healthy in time.
+    pub const HEALTH_TIMEOUT: &str = "HealthTimeout";
+    /// `RolloutHalted=False`: waves are being updated.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// `RolloutHalted=False`: every agent holds the newest revision, healthy.
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// `RolloutHalted=False`: `spec.rollout.paused` is true.
+    pub const ROLLOUT_PAUSED: &str = "RolloutPaused";
 }
 
 /// Builds a condition. `now` is passed in so callers (and tests) own the clock.

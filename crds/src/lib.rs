@@ -23,6 +23,7 @@ mod crdgen;
 pub mod generator;
 pub mod identity;
 pub mod policy;
+pub mod rollout;
 mod schema;
 pub mod stack;
 pub mod validation;
@@ -39,6 +40,7 @@ pub use crdgen::{
 pub use generator::{Generator, GeneratorSpec, GeneratorStatus};
 pub use identity::ObjectKey;
 pub use policy::{DeletionPolicy, DriftPolicy, IgnoreDifference, StackPolicy};
+pub use rollout::{MaxUnavailable, RolloutSpec, RolloutStatus, RolloutWave};
 pub use stack::{
     AgentDeployState, AgentHealth, DeploymentObjectRef, GeneratorRef, MAX_AGENTS_IN_STATUS,
     MAX_HISTORY_IN_STATUS, Stack, StackAgentStatus, StackRevision, StackSpec, StackStatus,

@@ -58,7 +58,19 @@ pub const MAX_HISTORY_IN_STATUS: usize = 10;
         name = "Revision",
         type_ = "integer",
         json_path = ".status.deploymentObject.sequence",
-        description = "Sequence number of the current deployment object"
+        description = "Sequence number of the revision being delivered"
+    ),
+    printcolumn(
+        name = "Pinned",
+        type_ = "integer",
+        json_path = ".spec.pinnedRevision",
+        description = "The revision spec.pinnedRevision holds every agent at"
+    ),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.rollout.summary",
+        description = "Healthy agents per wave of the rollout in progress"
     ),
     printcolumn(
         name = "Age",
@@ -131,6 +143,20 @@ pub struct StackSpec {
     /// [/spec/replicas]}` for Deployments scaled by a HorizontalPodAutoscaler.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore_differences: Vec<crate::IgnoreDifference>,
+
+    /// Delivers this recorded revision (a sequence from `status.history`) to every targeted
+    /// agent at once instead of the newest: a rollback in one step. Changes to the content
+    /// are still recorded while it is set, but not delivered; removing it delivers the
+    /// newest revision. A sequence that is not a revision of this Stack is refused
+    /// (`Accepted=False`, reason `UnknownRevision`) and changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pinned_revision: Option<i64>,
+
+    /// Delivers new revisions wave by wave, each wave gated on the health of the earlier
+    /// ones, instead of to every targeted agent at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::RolloutSpec>,
 }
 
 impl StackSpec {
@@ -177,6 +203,17 @@ impl StackSpec {
         }
         if let Some(description) = &self.description {
             validate_storable(|| "spec.description".to_owned(), description)?;
+        }
+        if let Some(revision) = self.pinned_revision
+            && revision < 1
+        {
+            return Err(SpecError::Invalid {
+                field: "spec.pinnedRevision".into(),
+                reason: format!("{revision} is not a revision sequence (they start at 1)"),
+            });
+        }
+        if let Some(rollout) = &self.rollout {
+            rollout.validate()?;
         }
         validate_annotations(&self.annotations)
     }
@@ -250,6 +287,10 @@ pub struct StackStatus {
     /// yaml` shows of the Stack's history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<StackRevision>,
+
+    /// Where the rollout of the newest revision stands (with `spec.rollout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::RolloutStatus>,
 }
 
 /// One recorded revision of a Stack's content.
@@ -307,6 +348,10 @@ pub struct StackAgentStatus {
     /// When the agent last reported on this Stack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<Time>,
+    /// The revision (sequence) the agent is asked to hold, when it differs from the
+    /// Stack's `deploymentObject` during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// What an agent did with a Stack's current deployment object.
@@ -585,6 +630,7 @@ spec:
                 health: AgentHealth::Degraded,
                 message: Some("failed to apply Deployment web/web".into()),
                 last_event_time: None,
+                revision: None,
             }],
             ..Default::default()
         };

@@ -110,6 +110,8 @@ sql_migration!(
     "018_revision_lineage"
 );
 
+sql_migration!(Rollouts, "m20261130_000019_rollouts", "019_rollouts");
+
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
 
@@ -135,6 +137,7 @@ impl MigratorTrait for Migrator {
             Box::new(ApiKeys),
             Box::new(GeneratorAccessNotifications),
             Box::new(RevisionLineage),
+            Box::new(Rollouts),
         ]
     }
 }

@@ -4,8 +4,9 @@ use brokkr_migrations::{Migrator, MigratorTrait};
 use brokkr_testdb::TestDb;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "api_keys",
+    "rollout_assignments",
     "audit_log",
     "generators",
     "stacks",
@@ -65,6 +66,10 @@ INSERT INTO stack_labels (id, stack_id, label) VALUES (gen_random_uuid(), '00000
 INSERT INTO stack_annotations (id, stack_id, key, value) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000002', 'k', 'v');
 INSERT INTO agent_labels (id, agent_id, label) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'env=prod');
 INSERT INTO agent_annotations (id, agent_id, key, value) VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000003', 'k', 'v');
+INSERT INTO rollout_assignments (agent_id, stack_id, deployment_object_id)
+    VALUES ('00000000-0000-7000-8000-000000000003', '00000000-0000-7000-8000-000000000002',
+            '00000000-0000-7000-8000-000000000004');
+UPDATE stacks SET pinned_object_id = '00000000-0000-7000-8000-000000000004', progressive = TRUE;
 UPDATE stacks SET deleted_at = now();
 INSERT INTO audit_log (actor, action, resource_kind, resource_namespace, resource_name, details)
     VALUES ('kubectl', 'DeploymentObjectRecorded', 'Stack', 'ns', 'app', '{"sequence": 1}');

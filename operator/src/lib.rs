@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod mirror;
 pub mod render;
+pub mod rollout;
 pub mod run;
 pub mod status;
 pub mod store;

@@ -49,7 +49,10 @@ pub enum Acceptance {
 pub struct StackStatusInput<'a> {
     pub generation: Option<i64>,
     pub stack_id: Option<String>,
+    /// What the Stack delivers: its pinned revision, else its newest.
     pub deployment_object: Option<&'a deployment_objects::Model>,
+    /// The newest recorded revision, when it is not `deployment_object` (a pin).
+    pub newest_sequence: Option<i64>,
     pub acceptance: Acceptance,
     pub agents: &'a [AgentStackStatus],
     pub previous: Option<&'a StackStatus>,
@@ -59,7 +62,12 @@ pub struct StackStatusInput<'a> {
 /// The Stack's status: per-agent states for the current deployment object, counts,
 /// and the conditions `Accepted`, `Applied`, `Ready`, `Degraded` and `Drifted`.
 pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
-    let mut agents: Vec<StackAgentStatus> = input.agents.iter().map(agent_status).collect();
+    let delivered = input.deployment_object.map(|d| d.sequence_id);
+    let mut agents: Vec<StackAgentStatus> = input
+        .agents
+        .iter()
+        .map(|agent| agent_status(agent, delivered))
+        .collect();
     let targeted = agents.len() as i32;
     let applied = count(&agents, |a| a.state == AgentDeployState::Applied);
     let healthy = count(&agents, |a| {
@@ -81,7 +89,9 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
         new_condition(type_, ok, reason, message, generation, now.clone())
     };
-    let sequence = input.deployment_object.map(|d| d.sequence_id);
+    let sequence = input
+        .newest_sequence
+        .or(input.deployment_object.map(|d| d.sequence_id));
     let accepted = match &input.acceptance {
         Acceptance::Recorded => condition(
             types::ACCEPTED,
@@ -240,6 +250,8 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
             .previous
             .map(|previous| previous.history.clone())
             .unwrap_or_default(),
+        // The caller computes the rollout's progress.
+        rollout: None,
     }
 }
 
@@ -315,7 +327,9 @@ fn name_list(names: &[String]) -> String {
     text
 }
 
-fn agent_status(row: &AgentStackStatus) -> StackAgentStatus {
+/// `delivered`: the sequence the Stack delivers; an agent a rollout holds at another
+/// revision shows its own.
+fn agent_status(row: &AgentStackStatus, delivered: Option<i64>) -> StackAgentStatus {
     let state = match &row.outcome {
         None => AgentDeployState::Pending,
         Some(o) if o.event_type == "Delete" => AgentDeployState::Deleting,
@@ -347,6 +361,11 @@ fn agent_status(row: &AgentStackStatus) -> StackAgentStatus {
         health,
         message,
         last_event_time: last.and_then(to_time),
+        revision: row
+            .assignment
+            .as_ref()
+            .map(|assignment| assignment.sequence_id)
+            .filter(|sequence| Some(*sequence) != delivered),
     }
 }
 
@@ -436,6 +455,7 @@ mod tests {
             cluster_name: "c".into(),
             agent_status: "Online".into(),
             last_heartbeat: None,
+            assignment: None,
             outcome: outcome.map(|(t, s, m)| EventSummary {
                 event_type: t.into(),
                 status: s.into(),
@@ -455,6 +475,7 @@ mod tests {
     fn status(agents: &[AgentStackStatus], acceptance: Acceptance) -> StackStatus {
         let object = object(42, false);
         stack_status(StackStatusInput {
+            newest_sequence: None,
             generation: Some(3),
             stack_id: Some("id".into()),
             deployment_object: Some(&object),
@@ -617,6 +638,7 @@ mod tests {
         let first = status(&agents, Acceptance::Recorded);
         let object = object(42, false);
         let later = stack_status(StackStatusInput {
+            newest_sequence: None,
             generation: Some(3),
             stack_id: Some("id".into()),
             deployment_object: Some(&object),

@@ -84,6 +84,7 @@ impl Fixture {
                     checksum: &checksum,
                 }),
                 author: None,
+                progressive: false,
             })
             .await
             .unwrap();
@@ -319,6 +320,7 @@ async fn a_stack_targeted_before_it_had_content_wakes_the_long_poll_with_its_fir
             annotations: None,
             content: None,
             author: None,
+            progressive: false,
         })
         .await
         .unwrap();

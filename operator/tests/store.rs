@@ -64,6 +64,7 @@ impl Fixture {
                     checksum: &checksum(yaml),
                 }),
                 author: None,
+                progressive: false,
             })
             .await
             .expect("sync stack");
@@ -561,6 +562,7 @@ async fn values_past_column_sizes_are_refused_naming_the_field() {
             annotations: None,
             content: None,
             author: None,
+            progressive: false,
         })
         .await
         .unwrap_err();
@@ -753,6 +755,7 @@ async fn invalid_content_keeps_serving_the_last_good_object() {
         annotations: Some(&EMPTY),
         content,
         author: None,
+        progressive: false,
     };
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
     let sum = checksum("a: 1");
@@ -1346,6 +1349,7 @@ async fn content_targets_and_deletion_are_audited_with_the_change_that_made_them
             field_manager: "kubectl-client-side-apply",
             generator: "ci",
         }),
+        progressive: false,
     };
     let first = f.store.sync_stack(&sync("a: 1")).await.unwrap();
     // The same content again records nothing, so audits nothing.
@@ -1491,6 +1495,7 @@ async fn revisions_know_their_parent_and_author_and_cannot_be_rewritten() {
             field_manager: manager,
             generator: "ci",
         }),
+        progressive: false,
     };
     let first = f.store.sync_stack(&sync("a: 1", "kubectl")).await.unwrap();
     let second = f.store.sync_stack(&sync("a: 2", "helm")).await.unwrap();

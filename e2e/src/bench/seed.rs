@@ -100,6 +100,7 @@ impl Seed {
                         checksum: &rendered.checksum,
                     }),
                     author: None,
+                    progressive: false,
                 })
                 .await
                 .during(format!("create stack {name}"))?;

@@ -76,9 +76,11 @@ impl AgentView {
 
     /// This view after `head` (the stack's state now), or `None` if it is unchanged.
     fn patched(&self, agent_id: Uuid, head: &StackHead) -> Option<AgentView> {
-        let wanted = head
-            .head
-            .as_ref()
+        let served = match &head.assigned {
+            Some(assigned) => assigned.get(&agent_id),
+            None => head.head.as_ref(),
+        };
+        let wanted = served
             .filter(|_| head.agents.contains(&agent_id))
             .filter(|h| {
                 !head.stack_deleted
@@ -92,18 +94,22 @@ impl AgentView {
                 yaml_checksum: h.yaml_checksum.clone(),
                 is_deletion_marker: h.is_deletion_marker,
                 stack_deleted: head.stack_deleted,
+                stamp: h.stamp,
             });
         let mut entries = self.entries.clone();
         match (self.position(head.stack_id), wanted) {
-            // Sequences only grow; an older head is a notification that arrived after a
-            // query had already seen a newer one.
+            // Stamps only grow (the served sequence may not: a pin goes back); an older
+            // stamp is a notification that arrived after a query had seen a newer state.
             (Ok(at), Some(wanted)) if entries[at] != wanted => {
-                if entries[at].sequence_id > wanted.sequence_id {
+                if entries[at].stamp > wanted.stamp {
                     return None;
                 }
                 entries[at] = wanted;
             }
             (Ok(at), None) => {
+                if entries[at].stamp > head.stamp && head.agents.contains(&agent_id) {
+                    return None;
+                }
                 entries.remove(at);
             }
             (Err(at), Some(wanted)) => entries.insert(at, wanted),
@@ -298,6 +304,7 @@ mod tests {
             yaml_checksum: format!("sum-{sequence}"),
             is_deletion_marker: false,
             stack_deleted: false,
+            stamp: sequence,
         }
     }
 
@@ -311,7 +318,10 @@ mod tests {
                 sequence_id: sequence,
                 yaml_checksum: format!("sum-{sequence}"),
                 is_deletion_marker: false,
+                stamp: sequence,
             }),
+            stamp: sequence,
+            assigned: None,
             agents: agents.iter().copied().collect::<HashSet<_>>(),
             removal_reported: HashSet::new(),
         }
@@ -329,6 +339,52 @@ mod tests {
         assert_eq!(sequences(&patched), [7]);
         assert!(patched.patched(agent, &head(stack, 6, &[agent])).is_none());
         assert!(patched.patched(agent, &head(stack, 7, &[agent])).is_none());
+    }
+
+    #[test]
+    fn a_pin_to_an_older_sequence_applies_by_its_stamp_and_a_stale_head_does_not() {
+        let (agent, stack) = (Uuid::now_v7(), Uuid::now_v7());
+        let view = AgentView::new(0, vec![entry(stack, 7)]);
+        let mut pinned = head(stack, 3, &[agent]);
+        pinned.stamp = 9;
+        pinned.head.as_mut().unwrap().stamp = 9;
+        let rolled_back = view.patched(agent, &pinned).unwrap();
+        assert_eq!(sequences(&rolled_back), [3]);
+        // The head of before the pin (sequence 7, stamp 7) arrives late: ignored.
+        assert!(
+            rolled_back
+                .patched(agent, &head(stack, 7, &[agent]))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_progressive_head_serves_each_agent_its_assignment() {
+        let (canary, other, stack) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut progressive = head(stack, 5, &[canary, other]);
+        let mut assigned = HashMap::new();
+        assigned.insert(canary, head(stack, 6, &[]).head.unwrap());
+        assigned.insert(other, head(stack, 5, &[]).head.unwrap());
+        progressive.assigned = Some(assigned);
+        let canary_view = AgentView::new(0, vec![entry(stack, 5)]);
+        assert_eq!(
+            sequences(&canary_view.patched(canary, &progressive).unwrap()),
+            [6]
+        );
+        let other_view = AgentView::new(0, vec![entry(stack, 5)]);
+        assert!(other_view.patched(other, &progressive).is_none());
+        // Not assigned yet (a new target): nothing is added; a removal older than the
+        // entry is ignored.
+        progressive.assigned.as_mut().unwrap().remove(&other);
+        let empty = AgentView::new(0, vec![]);
+        assert!(empty.patched(other, &progressive).is_none());
+        let mut newer = entry(stack, 5);
+        newer.stamp = 8;
+        assert!(
+            AgentView::new(0, vec![newer])
+                .patched(other, &progressive)
+                .is_none()
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use brokkr_crds::conditions::{find_condition, reasons, types};
+use brokkr_crds::conditions::{find_condition, new_condition, reasons, set_condition, types};
 use brokkr_crds::validation::check_labels;
 use brokkr_crds::wire::EventStatus;
 use brokkr_crds::{API_VERSION, Generator, OPERATOR_FIELD_MANAGER, Stack, StackStatus};
@@ -33,10 +33,15 @@ use super::{
     Context, Error, Result, apply_status, label_strings, publish, resource_uid, spec_field_manager,
     with_finalizer, write_status,
 };
+use crate::entity::deployment_objects;
 use crate::render::{Rendered, render_manifests, render_resources};
+use crate::rollout::{RolloutAgent, RolloutInput, RolloutPlan, plan_rollout};
 use crate::status::{Acceptance, StackStatusInput, now, stack_history, stack_status};
 use crate::store::audit::{OPERATOR_ACTOR, actions, bounded_list};
-use crate::store::{AuditEntry, AuditResource, ContentAuthor, StackContent, StackSync, StoreError};
+use crate::store::{
+    AgentStackStatus, AuditEntry, AuditResource, ContentAuthor, Serving, ServingChanged,
+    StackContent, StackSync, StoreError,
+};
 use serde_json::json;
 
 #[instrument(skip_all, fields(stack = %stack.name_any(), namespace = stack.namespace().unwrap_or_default()))]
@@ -130,6 +135,15 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         Plan::Record(_) if generator.spec.suspend => Plan::GeneratorSuspended,
         plan => plan,
     };
+    let pin = resolve_pin(&stack, ctx).await?;
+    // An unknown pinned revision changes nothing: no content, no pin, no rollout step.
+    let plan = match &pin {
+        Err(message) => Plan::Refuse {
+            reason: reasons::UNKNOWN_REVISION,
+            message: message.clone(),
+        },
+        Ok(_) => plan,
+    };
     let name = format!("{namespace}/{}", stack.name_any());
     let (content, acceptance) = match &plan {
         Plan::Record(rendered) => (
@@ -167,6 +181,7 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
                 field_manager: field_manager.as_deref().unwrap_or("unknown"),
                 generator: generator_name,
             }),
+            progressive: stack.spec.rollout.is_some(),
         })
         .await;
     let synced = match synced {
@@ -204,41 +219,323 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         .await;
     }
 
-    let agents = match &synced.deployment_object {
-        Some(object) => ctx.store.stack_status(synced.stack.id, object.id).await?,
+    let stack_id = synced.stack.id;
+    // The pin and the rollout mode change only with a valid spec (content that does not
+    // render does not stop a rollback).
+    let spec_refused = matches!(&plan, Plan::Refuse { reason, .. }
+        if *reason == reasons::INVALID_SPEC || *reason == reasons::UNKNOWN_REVISION);
+    if let (Ok(pinned), false) = (&pin, spec_refused) {
+        let serving = Serving {
+            pinned: pinned.as_ref().map(|object| object.id),
+            progressive: stack.spec.rollout.is_some(),
+        };
+        let changed = ctx.store.set_serving(stack_id, serving).await?;
+        announce_pin(ctx, &reference, &changed).await;
+    }
+    let served = ctx.store.served_head(stack_id).await?;
+    let newest = synced.deployment_object.as_ref().map(|o| o.sequence_id);
+    let mut agents = match &served {
+        Some(object) => ctx.store.stack_status(stack_id, object.id).await?,
         None => Vec::new(),
     };
     let previous = stack.status.clone();
+    let pinned = stack.spec.pinned_revision.filter(|_| pin.is_ok());
+    let rollout = match (&stack.spec.rollout, &served) {
+        (Some(spec), Some(revision)) if pinned.is_none() && !revision.is_deletion_marker => {
+            let step = RolloutStep {
+                stack_id,
+                spec,
+                revision,
+                previous: previous.as_ref(),
+            };
+            Some(step.take(ctx, &mut agents).await?)
+        }
+        _ => None,
+    };
     // The history changes only with a new revision: read it when the newest one shown is
-    // not the one being delivered, not on every status refresh.
+    // not the newest recorded, not on every status refresh.
     let shown_head = previous
         .as_ref()
         .and_then(|status| status.history.first())
         .map(|revision| revision.sequence);
-    let history = if shown_head == synced.deployment_object.as_ref().map(|o| o.sequence_id) {
+    let history = if shown_head == newest {
         None
     } else {
         Some(
             ctx.store
-                .stack_history(synced.stack.id, brokkr_crds::MAX_HISTORY_IN_STATUS as u64)
+                .stack_history(stack_id, brokkr_crds::MAX_HISTORY_IN_STATUS as u64)
                 .await?,
         )
     };
+    let now = now();
     let mut status = stack_status(StackStatusInput {
         generation: stack.metadata.generation,
-        stack_id: Some(synced.stack.id.to_string()),
-        deployment_object: synced.deployment_object.as_ref(),
+        stack_id: Some(stack_id.to_string()),
+        deployment_object: served.as_ref(),
+        newest_sequence: newest,
         acceptance: acceptance.clone(),
         agents: &agents,
         previous: previous.as_ref(),
-        now: now(),
+        now: now.clone(),
     });
     if let Some(history) = &history {
         status.history = stack_history(history);
     }
+    set_pinned_condition(&mut status, &stack, pinned, newest, now.clone());
+    let requeue = match &rollout {
+        Some(plan) => {
+            set_rollout_status(&mut status, &stack, plan, now);
+            announce_halt(ctx, &reference, previous.as_ref(), plan).await;
+            plan.next_deadline
+                .map_or(ctx.config.status_refresh, |deadline| {
+                    deadline.min(ctx.config.status_refresh)
+                })
+        }
+        None => {
+            status.rollout = None;
+            status
+                .conditions
+                .retain(|condition| condition.type_ != types::ROLLOUT_HALTED);
+            ctx.config.status_refresh
+        }
+    };
     announce_refusal(ctx, &reference, previous.as_ref(), &status).await;
     write_status(&api, &stack, previous.as_ref(), &status).await?;
-    Ok(Action::requeue(ctx.config.status_refresh))
+    Ok(Action::requeue(requeue))
+}
+
+/// The revision `spec.pinnedRevision` names: `Ok(None)` without a pin, `Err` with the
+/// refusal's message when the Stack has no such revision.
+async fn resolve_pin(
+    stack: &Stack,
+    ctx: &Context,
+) -> Result<std::result::Result<Option<deployment_objects::Model>, String>> {
+    let Some(sequence) = stack.spec.pinned_revision else {
+        return Ok(Ok(None));
+    };
+    let row = ctx
+        .store
+        .find_live_stack_by_resource(resource_uid(stack)?)
+        .await?;
+    let revision = match row {
+        Some(row) => ctx.store.find_revision(row.id, sequence).await?,
+        None => None,
+    };
+    Ok(revision.map(Some).ok_or_else(|| {
+        format!(
+            "spec.pinnedRevision {sequence} is not a recorded revision of this Stack \
+             (status.history lists the recent ones); nothing was changed"
+        )
+    }))
+}
+
+/// One step of a progressive rollout: moves the agents whose turn it is and says where
+/// the rollout stands.
+struct RolloutStep<'a> {
+    stack_id: uuid::Uuid,
+    spec: &'a brokkr_crds::RolloutSpec,
+    revision: &'a deployment_objects::Model,
+    previous: Option<&'a StackStatus>,
+}
+
+impl RolloutStep<'_> {
+    async fn take(&self, ctx: &Context, agents: &mut Vec<AgentStackStatus>) -> Result<RolloutPlan> {
+        let was_paused = self
+            .previous
+            .and_then(|status| status.rollout.as_ref())
+            .is_some_and(|rollout| rollout.paused && rollout.revision == self.revision.sequence_id);
+        if was_paused && !self.spec.paused {
+            // A resume gives the agents being updated a new health timeout.
+            ctx.store
+                .restart_health_clocks(self.stack_id, self.revision.id, chrono::Utc::now())
+                .await?;
+            *agents = ctx
+                .store
+                .stack_status(self.stack_id, self.revision.id)
+                .await?;
+        }
+        let plan = self.plan(ctx, agents);
+        if plan.assign.is_empty() {
+            return Ok(plan);
+        }
+        let moved = ctx
+            .store
+            .assign_revision(self.stack_id, &plan.assign, self.revision.id)
+            .await?;
+        info!(
+            sequence = self.revision.sequence_id,
+            agents = moved,
+            wave = plan.status.wave.as_deref().unwrap_or_default(),
+            "rollout moved agents to the new revision"
+        );
+        *agents = ctx
+            .store
+            .stack_status(self.stack_id, self.revision.id)
+            .await?;
+        // Planned again from what the agents now hold, so the status counts them.
+        let mut replanned = self.plan(ctx, agents);
+        replanned.assign = plan.assign;
+        Ok(replanned)
+    }
+
+    fn plan(&self, ctx: &Context, agents: &[AgentStackStatus]) -> RolloutPlan {
+        let cached = ctx.caches.agents.state();
+        let no_labels = std::collections::BTreeMap::new();
+        let labels: Vec<&std::collections::BTreeMap<String, String>> = agents
+            .iter()
+            .map(|agent| {
+                cached
+                    .iter()
+                    .find(|cached| cached.name_any() == agent.agent_name)
+                    .map_or(&no_labels, |cached| cached.labels())
+            })
+            .collect();
+        let rollout_agents: Vec<RolloutAgent<'_>> = agents
+            .iter()
+            .zip(labels)
+            .map(|(report, labels)| RolloutAgent { labels, report })
+            .collect();
+        plan_rollout(RolloutInput {
+            spec: self.spec,
+            revision: (self.revision.id, self.revision.sequence_id),
+            agents: &rollout_agents,
+            now: chrono::Utc::now(),
+        })
+    }
+}
+
+/// `Pinned=True` while `spec.pinnedRevision` holds the agents; `False` once it is removed.
+fn set_pinned_condition(
+    status: &mut StackStatus,
+    stack: &Stack,
+    pinned: Option<i64>,
+    newest: Option<i64>,
+    now: brokkr_crds::Time,
+) {
+    let condition = match pinned {
+        Some(pinned) => new_condition(
+            types::PINNED,
+            true,
+            reasons::PINNED,
+            match newest {
+                Some(newest) if newest != pinned => format!(
+                    "every agent is held at revision {pinned}; the newest recorded revision, \
+                     {newest}, is not delivered until spec.pinnedRevision is removed"
+                ),
+                _ => format!("every agent is held at revision {pinned}"),
+            },
+            stack.metadata.generation,
+            now,
+        ),
+        None if find_condition(&status.conditions, types::PINNED).is_some() => new_condition(
+            types::PINNED,
+            false,
+            reasons::UNPINNED,
+            "not pinned: the newest revision is delivered",
+            stack.metadata.generation,
+            now,
+        ),
+        None => return,
+    };
+    set_condition(&mut status.conditions, condition);
+}
+
+fn set_rollout_status(
+    status: &mut StackStatus,
+    stack: &Stack,
+    plan: &RolloutPlan,
+    now: brokkr_crds::Time,
+) {
+    let revision = plan.status.revision;
+    let (halted, reason, message) = match &plan.halt {
+        Some(halt) => (
+            true,
+            halt.reason,
+            format!(
+                "{}; no further agent is updated. Record a fixed revision, set \
+                 spec.rollout.paused to true and back to false to retry, or set \
+                 spec.pinnedRevision to roll every agent back",
+                halt.message
+            ),
+        ),
+        None if plan.complete => (
+            false,
+            reasons::ROLLOUT_COMPLETE,
+            format!("every agent reports revision {revision} healthy"),
+        ),
+        None if plan.status.paused => (
+            false,
+            reasons::ROLLOUT_PAUSED,
+            format!(
+                "paused at wave {}",
+                plan.status.wave.as_deref().unwrap_or_default()
+            ),
+        ),
+        None => (
+            false,
+            reasons::ROLLING_OUT,
+            format!(
+                "rolling revision {revision} out: wave {}",
+                plan.status.wave.as_deref().unwrap_or_default()
+            ),
+        ),
+    };
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            types::ROLLOUT_HALTED,
+            halted,
+            reason,
+            message,
+            stack.metadata.generation,
+            now,
+        ),
+    );
+    status.rollout = Some(plan.status.clone());
+}
+
+/// A Normal Event for each pin and unpin.
+async fn announce_pin(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    changed: &ServingChanged,
+) {
+    let (reason, note) = match (changed.pinned, changed.unpinned) {
+        (Some(pinned), _) => (
+            reasons::PINNED,
+            format!("pinned to revision {pinned}: every agent is delivered it"),
+        ),
+        (None, Some(unpinned)) => (
+            reasons::UNPINNED,
+            format!("unpinned from revision {unpinned}: the newest revision is delivered"),
+        ),
+        (None, None) => return,
+    };
+    publish(ctx, reference, EventType::Normal, reason, "Pin", note).await;
+}
+
+/// A Warning Event when the rollout halts, or halts for another agent or reason.
+async fn announce_halt(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    previous: Option<&StackStatus>,
+    plan: &RolloutPlan,
+) {
+    let Some(halt) = &plan.halt else { return };
+    let before = previous
+        .and_then(|p| p.rollout.as_ref())
+        .and_then(|rollout| rollout.halted.as_deref());
+    if before != Some(halt.message.as_str()) {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            "RolloutHalted",
+            "Rollout",
+            halt.message.clone(),
+        )
+        .await;
+    }
 }
 
 /// Status for a Stack that cannot be recorded at all (no generator, name too long...).
@@ -252,7 +549,7 @@ async fn refuse_without_row(
     let previous = stack.status.clone();
     let current = match previous.as_ref().and_then(|s| s.stack_id.as_deref()) {
         Some(id) => match uuid::Uuid::parse_str(id) {
-            Ok(id) => ctx.store.current_deployment_object(id).await?,
+            Ok(id) => ctx.store.served_head(id).await?,
             Err(_) => None,
         },
         None => None,
@@ -261,6 +558,7 @@ async fn refuse_without_row(
         generation: stack.metadata.generation,
         stack_id: previous.as_ref().and_then(|s| s.stack_id.clone()),
         deployment_object: current.as_ref(),
+        newest_sequence: None,
         acceptance: Acceptance::Refused { reason, message },
         agents: &[],
         previous: previous.as_ref(),

@@ -14,6 +14,12 @@ pub struct Model {
     pub description: Option<String>,
     pub generator_id: Uuid,
     pub resource_uid: Option<Uuid>,
+    /// `spec.pinnedRevision`, resolved: the deployment object every agent is served.
+    pub pinned_object_id: Option<Uuid>,
+    /// `spec.rollout` is set: agents are served their `rollout_assignments` row.
+    pub progressive: bool,
+    /// Grows whenever the two above change (set by a trigger).
+    pub serving_stamp: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -20,6 +20,10 @@ pub mod actions {
     pub const STACK_REMOVAL_REPORTED: &str = "StackRemovalReported";
     /// A deleted Stack was released after the deletion timeout without every report.
     pub const STACK_DELETION_TIMED_OUT: &str = "StackDeletionTimedOut";
+    /// `spec.pinnedRevision` now holds every agent of a Stack at a revision.
+    pub const REVISION_PINNED: &str = "RevisionPinned";
+    /// The pin was removed: the newest revision is delivered again.
+    pub const REVISION_UNPINNED: &str = "RevisionUnpinned";
     /// Agents were added to or removed from a Stack's target set.
     pub const TARGETS_CHANGED: &str = "TargetsChanged";
     /// An AgentTarget selected Agents that do not accept targets from its namespace.

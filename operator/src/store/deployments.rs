@@ -18,6 +18,9 @@ pub struct DesiredEntry {
     /// The stack is deleted: the entry is its deletion marker, held in the agent's set
     /// until the agent reports the removal (a `Delete` `Success` event for the marker).
     pub stack_deleted: bool,
+    /// Grows with every change of what the stack serves this agent (a new revision, a pin,
+    /// an assignment), even when the served sequence goes down (a pin to an older one).
+    pub stamp: i64,
 }
 
 /// The desired state of one agent as the database holds it (the API sends it as
@@ -47,6 +50,67 @@ macro_rules! latest_live_object_of_s {
     };
 }
 
+/// The deployment object of live stack `s` whose id is `$id` (SQL), as a branch of a
+/// `UNION ALL`. Probes by id leave `deleted_at` out (a live stack's objects are live): with
+/// it, the planner may walk the stack's history in the partial index instead of probing
+/// the key.
+macro_rules! object_of_live_s_by_id {
+    ($id:literal) => {
+        concat!(
+            "(SELECT id, sequence_id, yaml_checksum, is_deletion_marker FROM deployment_objects\n",
+            "     WHERE id = ",
+            $id,
+            " AND s.deleted_at IS NULL)"
+        )
+    };
+}
+
+/// The newest live deployment object of stack `s` when `$when` (SQL) holds, as a branch of
+/// a `UNION ALL`: one probe of `deployment_objects_stack_latest_live_idx`.
+macro_rules! newest_object_of_s_when {
+    ($when:literal) => {
+        concat!(
+            "(SELECT id, sequence_id, yaml_checksum, is_deletion_marker FROM deployment_objects\n",
+            "     WHERE stack_id = s.id AND deleted_at IS NULL AND ",
+            $when,
+            "\n     ORDER BY sequence_id DESC\n     LIMIT 1)"
+        )
+    };
+}
+
+/// What live stack `s` serves every agent unless it rolls out progressively: its pinned
+/// revision, else its newest live deployment object (a deleted stack: its deletion
+/// marker). At most two index probes; the first branch that yields a row ends the scan.
+macro_rules! head_of_s {
+    () => {
+        concat!(
+            "LATERAL (\n    ",
+            object_of_live_s_by_id!("s.pinned_object_id"),
+            "\n    UNION ALL\n    ",
+            newest_object_of_s_when!("TRUE"),
+            "\n    LIMIT 1\n) d"
+        )
+    };
+}
+
+/// What stack `s` serves agent `t.agent_id`, whose assignment (for a progressive stack)
+/// is `ra`: the pinned revision, else the assigned one, else (unless the stack rolls out
+/// progressively) the newest; a deleted stack serves its deletion marker. Index probes
+/// only, whatever the history's length.
+macro_rules! served_object_of_s {
+    () => {
+        concat!(
+            "LATERAL (\n    ",
+            object_of_live_s_by_id!("s.pinned_object_id"),
+            "\n    UNION ALL\n    ",
+            object_of_live_s_by_id!("ra.deployment_object_id"),
+            "\n    UNION ALL\n    ",
+            newest_object_of_s_when!("NOT (s.progressive AND s.deleted_at IS NULL)"),
+            "\n    LIMIT 1\n) d"
+        )
+    };
+}
+
 /// Whether agent `t.agent_id` reported removing the stack whose deletion marker is `d`.
 macro_rules! removal_reported_by_t {
     () => {
@@ -66,11 +130,14 @@ macro_rules! desired_rows {
             r#"
 SELECT t.agent_id, t.stack_id, s.name AS stack_name, d.id AS deployment_object_id,
        d.sequence_id, d.yaml_checksum, d.is_deletion_marker,
-       s.deleted_at IS NOT NULL AS stack_deleted
+       s.deleted_at IS NOT NULL AS stack_deleted,
+       GREATEST(d.sequence_id, s.serving_stamp, COALESCE(ra.stamp, 0)) AS stamp
 FROM agent_targets t
 JOIN stacks s ON s.id = t.stack_id
+LEFT JOIN rollout_assignments ra
+    ON ra.agent_id = t.agent_id AND ra.stack_id = t.stack_id AND s.progressive
 CROSS JOIN "#,
-            latest_live_object_of_s!(),
+            served_object_of_s!(),
             "\nWHERE ",
             $agents,
             r#"
@@ -99,6 +166,7 @@ struct AgentDesiredRow {
     yaml_checksum: String,
     is_deletion_marker: bool,
     stack_deleted: bool,
+    stamp: i64,
 }
 
 /// A stack's newest live deployment object, and who it is for: what a change
@@ -108,8 +176,14 @@ pub struct StackHead {
     pub stack_id: Uuid,
     pub stack_name: String,
     pub stack_deleted: bool,
-    /// `None` when the stack has no live deployment object.
+    /// What the stack serves every targeted agent (its pinned or newest revision, or its
+    /// deletion marker); `None` when it has no live deployment object.
     pub head: Option<HeadObject>,
+    /// Grows with every change of `head` (see [`DesiredEntry::stamp`]).
+    pub stamp: i64,
+    /// For a stack rolling out progressively (live, not pinned): what each agent is
+    /// assigned, which replaces `head`; an agent absent from it is served nothing yet.
+    pub assigned: Option<HashMap<Uuid, HeadObject>>,
     /// The agents the stack is targeted at.
     pub agents: HashSet<Uuid>,
     /// Of `agents`, those that reported removing the deleted stack (a `Delete` `Success`
@@ -123,6 +197,8 @@ pub struct HeadObject {
     pub sequence_id: i64,
     pub yaml_checksum: String,
     pub is_deletion_marker: bool,
+    /// See [`DesiredEntry::stamp`].
+    pub stamp: i64,
 }
 
 #[derive(FromQueryResult)]
@@ -130,10 +206,23 @@ struct HeadRow {
     stack_id: Uuid,
     stack_name: String,
     stack_deleted: bool,
+    per_agent: bool,
+    stamp: i64,
     deployment_object_id: Option<Uuid>,
     sequence_id: Option<i64>,
     yaml_checksum: Option<String>,
     is_deletion_marker: Option<bool>,
+}
+
+#[derive(FromQueryResult)]
+struct AssignmentRow {
+    stack_id: Uuid,
+    agent_id: Uuid,
+    deployment_object_id: Uuid,
+    sequence_id: i64,
+    yaml_checksum: String,
+    is_deletion_marker: bool,
+    stamp: i64,
 }
 
 #[derive(FromQueryResult)]
@@ -142,18 +231,31 @@ struct TargetRow {
     agent_id: Uuid,
 }
 
-/// The same per-stack probe as [`DESIRED_FOR_AGENT`], for a list of stacks.
+/// The same per-stack probes as [`DESIRED_FOR_AGENT`], for a list of stacks.
 const STACK_HEADS: &str = concat!(
     r#"
 SELECT s.id AS stack_id, s.name AS stack_name, s.deleted_at IS NOT NULL AS stack_deleted,
+       (s.progressive AND s.deleted_at IS NULL AND s.pinned_object_id IS NULL) AS per_agent,
+       GREATEST(COALESCE(d.sequence_id, 0), s.serving_stamp) AS stamp,
        d.id AS deployment_object_id, d.sequence_id, d.yaml_checksum, d.is_deletion_marker
 FROM stacks s
 LEFT JOIN "#,
-    latest_live_object_of_s!(),
+    head_of_s!(),
     r#" ON TRUE
 WHERE s.id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
 "#
 );
+
+/// What each agent is assigned, for a list of stacks rolling out progressively.
+const STACK_ASSIGNMENTS: &str = r#"
+SELECT ra.stack_id, ra.agent_id, d.id AS deployment_object_id, d.sequence_id,
+       d.yaml_checksum, d.is_deletion_marker,
+       GREATEST(d.sequence_id, s.serving_stamp, ra.stamp) AS stamp
+FROM rollout_assignments ra
+JOIN stacks s ON s.id = ra.stack_id
+JOIN deployment_objects d ON d.id = ra.deployment_object_id AND d.deleted_at IS NULL
+WHERE ra.stack_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
+"#;
 
 const STACK_TARGETS: &str = "SELECT stack_id, agent_id FROM agent_targets \
      WHERE stack_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)";
@@ -189,6 +291,21 @@ impl Store {
             .filter(|row| row.stack_deleted && row.is_deletion_marker == Some(true))
             .map(|row| row.stack_id)
             .collect();
+        let progressive: Vec<Uuid> = rows
+            .iter()
+            .filter(|row| row.per_agent)
+            .map(|row| row.stack_id)
+            .collect();
+        let assignments = if progressive.is_empty() {
+            Vec::new()
+        } else {
+            AssignmentRow::find_by_statement(statement(
+                STACK_ASSIGNMENTS,
+                [sea_orm::Value::from(serde_json::json!(progressive))],
+            ))
+            .all(&self.db)
+            .await?
+        };
         let removals = if deleted.is_empty() {
             Vec::new()
         } else {
@@ -214,6 +331,7 @@ impl Store {
                             sequence_id,
                             yaml_checksum,
                             is_deletion_marker: deletion,
+                            stamp: row.stamp,
                         })
                     }
                     _ => None,
@@ -223,6 +341,8 @@ impl Store {
                     stack_name: row.stack_name,
                     stack_deleted: row.stack_deleted,
                     head,
+                    stamp: row.stamp,
+                    assigned: row.per_agent.then(HashMap::new),
                     agents: HashSet::new(),
                     removal_reported: HashSet::new(),
                 };
@@ -232,6 +352,23 @@ impl Store {
         for target in targets {
             if let Some(head) = heads.get_mut(&target.stack_id) {
                 head.agents.insert(target.agent_id);
+            }
+        }
+        for assignment in assignments {
+            if let Some(assigned) = heads
+                .get_mut(&assignment.stack_id)
+                .and_then(|head| head.assigned.as_mut())
+            {
+                assigned.insert(
+                    assignment.agent_id,
+                    HeadObject {
+                        deployment_object_id: assignment.deployment_object_id,
+                        sequence_id: assignment.sequence_id,
+                        yaml_checksum: assignment.yaml_checksum,
+                        is_deletion_marker: assignment.is_deletion_marker,
+                        stamp: assignment.stamp,
+                    },
+                );
             }
         }
         for removal in removals {
@@ -247,6 +384,8 @@ impl Store {
                     stack_name: String::new(),
                     stack_deleted: true,
                     head: None,
+                    stamp: 0,
+                    assigned: None,
                     agents: HashSet::new(),
                     removal_reported: HashSet::new(),
                 })
@@ -312,6 +451,7 @@ impl Store {
                 yaml_checksum: row.yaml_checksum,
                 is_deletion_marker: row.is_deletion_marker,
                 stack_deleted: row.stack_deleted,
+                stamp: row.stamp,
             });
         }
         Ok(desired)

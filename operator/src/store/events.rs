@@ -46,6 +46,17 @@ pub struct AgentStackStatus {
     pub outcome: Option<EventSummary>,
     pub health: Option<EventSummary>,
     pub drift: Option<EventSummary>,
+    /// The agent's rollout assignment, while the stack rolls out progressively: the
+    /// reports above are about it.
+    pub assignment: Option<Assignment>,
+}
+
+/// The revision a progressive rollout assigned an agent, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub deployment_object_id: Uuid,
+    pub sequence_id: i64,
+    pub assigned_at: DateTime<Utc>,
 }
 
 const TARGETED_OBJECTS: &str = r#"
@@ -55,32 +66,42 @@ JOIN agent_targets t ON t.stack_id = d.stack_id AND t.agent_id = $1
 WHERE d.id IN (SELECT jsonb_array_elements_text($2::jsonb)::uuid)
 "#;
 
+/// Each agent is judged on what it is served: its rollout assignment while the stack rolls
+/// out progressively (`$2`, the stack's revision, until its wave is reached), else `$2`.
 const STACK_STATUS: &str = r#"
 SELECT a.id AS agent_id, a.name AS agent_name, a.cluster_name, a.status AS agent_status,
        a.last_heartbeat,
+       ra.deployment_object_id AS assigned_object_id, ad.sequence_id AS assigned_sequence,
+       ra.assigned_at,
        o.event_type AS outcome_type, o.status AS outcome_status,
        o.message AS outcome_message, o.created_at AS outcome_at,
        h.status AS health_status, h.message AS health_message, h.created_at AS health_at,
        r.status AS drift_status, r.message AS drift_message, r.created_at AS drift_at
 FROM agent_targets t
 JOIN agents a ON a.id = t.agent_id AND a.deleted_at IS NULL
+JOIN stacks s ON s.id = t.stack_id
+LEFT JOIN rollout_assignments ra
+    ON ra.agent_id = t.agent_id AND ra.stack_id = t.stack_id
+   AND s.progressive AND s.deleted_at IS NULL
+LEFT JOIN deployment_objects ad ON ad.id = ra.deployment_object_id
+CROSS JOIN LATERAL (SELECT COALESCE(ra.deployment_object_id, $2) AS object_id) x
 LEFT JOIN LATERAL (
     SELECT event_type, status, message, created_at FROM agent_events
-    WHERE deployment_object_id = $2 AND agent_id = t.agent_id AND deleted_at IS NULL
+    WHERE deployment_object_id = x.object_id AND agent_id = t.agent_id AND deleted_at IS NULL
       AND event_type IN ('Apply', 'Delete')
     ORDER BY created_at DESC, id DESC
     LIMIT 1
 ) o ON TRUE
 LEFT JOIN LATERAL (
     SELECT status, message, created_at FROM agent_events
-    WHERE deployment_object_id = $2 AND agent_id = t.agent_id AND deleted_at IS NULL
+    WHERE deployment_object_id = x.object_id AND agent_id = t.agent_id AND deleted_at IS NULL
       AND event_type = 'Health'
     ORDER BY created_at DESC, id DESC
     LIMIT 1
 ) h ON TRUE
 LEFT JOIN LATERAL (
     SELECT status, message, created_at FROM agent_events
-    WHERE deployment_object_id = $2 AND agent_id = t.agent_id AND deleted_at IS NULL
+    WHERE deployment_object_id = x.object_id AND agent_id = t.agent_id AND deleted_at IS NULL
       AND event_type = 'Drift'
     ORDER BY created_at DESC, id DESC
     LIMIT 1
@@ -101,6 +122,9 @@ struct StackStatusRow {
     cluster_name: String,
     agent_status: String,
     last_heartbeat: Option<DateTime<Utc>>,
+    assigned_object_id: Option<Uuid>,
+    assigned_sequence: Option<i64>,
+    assigned_at: Option<DateTime<Utc>>,
     outcome_type: Option<String>,
     outcome_status: Option<String>,
     outcome_message: Option<String>,
@@ -221,7 +245,22 @@ impl From<StackStatusRow> for AgentStackStatus {
             }),
             _ => None,
         };
+        let assignment = match (
+            row.assigned_object_id,
+            row.assigned_sequence,
+            row.assigned_at,
+        ) {
+            (Some(deployment_object_id), Some(sequence_id), Some(assigned_at)) => {
+                Some(Assignment {
+                    deployment_object_id,
+                    sequence_id,
+                    assigned_at,
+                })
+            }
+            _ => None,
+        };
         AgentStackStatus {
+            assignment,
             agent_id: row.agent_id,
             agent_name: row.agent_name,
             cluster_name: row.cluster_name,

@@ -14,6 +14,7 @@ mod events;
 mod generators;
 mod metadata;
 pub mod notify;
+mod rollouts;
 mod stacks;
 
 use std::str::FromStr;
@@ -27,8 +28,9 @@ pub use api_keys::{FirstUse, KeyHolder, KeyOwner, NewKey, PendingKeyChange, Revo
 pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditResource};
 pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};
 pub use error::{StoreError, StoreResult};
-pub use events::{AgentStackStatus, EventReport, EventSummary, RecordedEvents};
+pub use events::{AgentStackStatus, Assignment, EventReport, EventSummary, RecordedEvents};
 pub use generators::GeneratorSync;
+pub use rollouts::{Serving, ServingChanged};
 pub use stacks::{ContentAuthor, Revision, StackContent, StackSync, StackSynced, TargetsChanged};
 
 /// Column sizes of the schema, checked before every write so that nothing is truncated;

@@ -32,6 +32,10 @@ pub struct StackSync<'a> {
     pub content: Option<StackContent<'a>>,
     /// Who changed the content, for the audit log; `None` records it as unknown.
     pub author: Option<ContentAuthor<'a>>,
+    /// Whether a stack created by this call rolls out progressively from its first
+    /// revision on (`spec.rollout`); an existing stack changes through
+    /// [`Store::set_serving`].
+    pub progressive: bool,
 }
 
 /// Who a new deployment object comes from: the field manager that last changed the
@@ -274,6 +278,13 @@ impl Store {
             removed: current.difference(agent_ids).copied().collect(),
         };
         if !changed.removed.is_empty() {
+            // An agent targeted again later starts from its wave, not from where it was.
+            txn.execute_raw(super::statement(
+                "DELETE FROM rollout_assignments \
+                 WHERE stack_id = $1 AND agent_id IN (SELECT jsonb_array_elements_text($2::jsonb)::uuid)",
+                [stack_id.into(), sea_orm::Value::from(serde_json::json!(changed.removed))],
+            ))
+            .await?;
             agent_targets::Entity::delete_many()
                 .filter(agent_targets::Column::StackId.eq(stack_id))
                 .filter(agent_targets::Column::AgentId.is_in(changed.removed.iter().copied()))
@@ -369,6 +380,7 @@ async fn upsert_stack(
                 description: Set(input.description.map(str::to_owned)),
                 generator_id: Set(input.generator_id),
                 resource_uid: Set(Some(input.resource_uid)),
+                progressive: Set(input.progressive),
                 ..Default::default()
             }
             .insert(db)
@@ -485,13 +497,18 @@ async fn record_deployment_object(
     {
         return Ok((current.clone(), false));
     }
+    // While pinned, the revision being delivered is the pinned one.
+    let delivered = match stack.pinned_object_id {
+        Some(_) => super::rollouts::served_head(db, stack.id).await?,
+        None => current,
+    };
     if let Some(recorded_by) = recorded_by {
         check_len("recorded by", recorded_by, limits::NAME)?;
     }
     let created = deployment_objects::ActiveModel {
-        parent_id: Set(current
-            .filter(|current| !current.is_deletion_marker)
-            .map(|current| current.id)),
+        parent_id: Set(delivered
+            .filter(|delivered| !delivered.is_deletion_marker)
+            .map(|delivered| delivered.id)),
         recorded_by: Set(recorded_by.map(str::to_owned)),
         id: Set(Uuid::now_v7()),
         stack_id: Set(stack.id),
