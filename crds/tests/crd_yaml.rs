@@ -105,6 +105,8 @@ fn kubectl_get_shows_the_columns_users_ask_for() {
             ("TARGETS", "integer", ".status.targetedAgents"),
             ("READY", "string", ".status.ready"),
             ("REVISION", "integer", ".status.deploymentObject.sequence"),
+            ("PINNED", "integer", ".spec.pinnedRevision"),
+            ("ROLLOUT", "string", ".status.rollout.summary"),
             age,
         ])
     );

@@ -330,7 +330,15 @@ fn name_list(names: &[String]) -> String {
 /// `delivered`: the sequence the Stack delivers; an agent a rollout holds at another
 /// revision shows its own.
 fn agent_status(row: &AgentStackStatus, delivered: Option<i64>) -> StackAgentStatus {
+    let held_at = row
+        .assignment
+        .as_ref()
+        .map(|assignment| assignment.sequence_id)
+        .filter(|sequence| Some(*sequence) != delivered);
     let state = match &row.outcome {
+        // Held at an older revision by the rollout: it has yet to apply the delivered one,
+        // so that `Ready` and `ready` count only agents healthy on it.
+        _ if held_at.is_some() => AgentDeployState::Pending,
         None => AgentDeployState::Pending,
         Some(o) if o.event_type == "Delete" => AgentDeployState::Deleting,
         Some(o) if o.status == EventStatus::Failure.as_str() => AgentDeployState::Failed,
@@ -345,8 +353,11 @@ fn agent_status(row: &AgentStackStatus, delivered: Option<i64>) -> StackAgentSta
         },
         None => AgentHealth::Unknown,
     };
-    let message = match state {
-        AgentDeployState::Failed => row.outcome.as_ref().and_then(|o| o.message.clone()),
+    let message = match (state, held_at) {
+        (_, Some(held_at)) => Some(format!(
+            "held at revision {held_at} until its wave of the rollout"
+        )),
+        (AgentDeployState::Failed, None) => row.outcome.as_ref().and_then(|o| o.message.clone()),
         _ => row.health.as_ref().and_then(|h| h.message.clone()),
     };
     let last = [row.outcome.as_ref(), row.health.as_ref()]
@@ -361,11 +372,7 @@ fn agent_status(row: &AgentStackStatus, delivered: Option<i64>) -> StackAgentSta
         health,
         message,
         last_event_time: last.and_then(to_time),
-        revision: row
-            .assignment
-            .as_ref()
-            .map(|assignment| assignment.sequence_id)
-            .filter(|sequence| Some(*sequence) != delivered),
+        revision: held_at,
     }
 }
 
@@ -488,6 +495,41 @@ mod tests {
 
     fn condition<'a>(status: &'a StackStatus, type_: &str) -> &'a Condition {
         status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn an_agent_a_rollout_holds_at_an_older_revision_is_not_ready_on_the_delivered_one() {
+        let mut held = agent("eu", Some(("Apply", "Success", "")), Some("healthy"));
+        held.assignment = Some(crate::store::Assignment {
+            deployment_object_id: Uuid::new_v4(),
+            sequence_id: 40,
+            assigned_at: Utc::now(),
+        });
+        let mut updated = agent("canary", Some(("Apply", "Success", "")), Some("healthy"));
+        updated.assignment = Some(crate::store::Assignment {
+            deployment_object_id: Uuid::new_v4(),
+            sequence_id: 42,
+            assigned_at: Utc::now(),
+        });
+        let s = status(&[held, updated], Acceptance::Recorded);
+        assert_eq!(s.ready.as_deref(), Some("1/2"));
+        assert_eq!(condition(&s, "Ready").status, "False");
+        let eu = s.agents.iter().find(|a| a.name == "eu").unwrap();
+        assert_eq!(
+            (eu.state, eu.revision),
+            (AgentDeployState::Pending, Some(40))
+        );
+        assert!(
+            eu.message
+                .as_deref()
+                .unwrap()
+                .contains("held at revision 40")
+        );
+        let canary = s.agents.iter().find(|a| a.name == "canary").unwrap();
+        assert_eq!(
+            (canary.state, canary.revision),
+            (AgentDeployState::Applied, None)
+        );
     }
 
     #[test]
