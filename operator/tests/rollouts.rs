@@ -348,6 +348,11 @@ async fn a_progressive_stack_serves_each_agent_its_assignment_and_never_removes_
         assert_eq!(f.served(*agent).await, Some(first.sequence_id));
     }
     f.heads_agree(stack, &agents).await;
+    // An agent targeted while pinned is served the pin, and keeps it after the unpin.
+    let mut with_late = agents.clone();
+    with_late.push(late);
+    f.target(stack, &with_late).await;
+    assert_eq!(f.served(late).await, Some(first.sequence_id));
     f.store
         .set_serving(
             stack,
@@ -358,6 +363,12 @@ async fn a_progressive_stack_serves_each_agent_its_assignment_and_never_removes_
         )
         .await
         .unwrap();
+    assert_eq!(
+        f.served(late).await,
+        Some(first.sequence_id),
+        "never served nothing"
+    );
+    f.target(stack, &agents).await;
     for agent in &agents {
         assert_eq!(
             f.served(*agent).await,

@@ -229,8 +229,13 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
             pinned: pinned.as_ref().map(|object| object.id),
             progressive: stack.spec.rollout.is_some(),
         };
-        let changed = ctx.store.set_serving(stack_id, serving).await?;
-        announce_pin(ctx, &reference, &changed).await;
+        let unchanged = synced.stack.pinned_object_id == serving.pinned
+            && synced.stack.progressive == serving.progressive;
+        // A pinned progressive stack also assigns the pin to agents targeted since.
+        if !unchanged || (serving.pinned.is_some() && serving.progressive) {
+            let changed = ctx.store.set_serving(stack_id, serving).await?;
+            announce_pin(ctx, &reference, &changed).await;
+        }
     }
     let served = ctx.store.served_head(stack_id).await?;
     let newest = synced.deployment_object.as_ref().map(|o| o.sequence_id);

@@ -34,8 +34,9 @@ pub struct ServingChanged {
     pub progressive: bool,
 }
 
-/// Seeds the assignments of a stack that turns progressive: every targeted agent keeps
-/// what it is served now, so nothing moves (and nothing is removed) until its wave.
+/// Seeds the assignments of a stack that turns progressive (or is unpinned): every
+/// targeted agent without one keeps what it is served now, so nothing moves (and nothing
+/// is removed) until its wave.
 const SEED_ASSIGNMENTS: &str = r#"
 INSERT INTO rollout_assignments (agent_id, stack_id, deployment_object_id)
 SELECT t.agent_id, t.stack_id, $2 FROM agent_targets t WHERE t.stack_id = $1
@@ -135,6 +136,20 @@ impl Store {
         {
             txn.execute_raw(statement(ASSIGN_ALL, [stack_id.into(), pinned.into()]))
                 .await?;
+        }
+        // An agent targeted while the pin held it has no assignment yet: it keeps the
+        // pinned revision until its wave, instead of being served nothing.
+        if let (Some(was_pinned), None, true, true) = (
+            stack.pinned_object_id,
+            serving.pinned,
+            stack.progressive,
+            serving.progressive,
+        ) {
+            txn.execute_raw(statement(
+                SEED_ASSIGNMENTS,
+                [stack_id.into(), was_pinned.into()],
+            ))
+            .await?;
         }
         if stack.pinned_object_id != serving.pinned {
             let sequence_of = async |id: Option<Uuid>| -> StoreResult<Option<i64>> {
