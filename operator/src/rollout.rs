@@ -129,7 +129,9 @@ fn progress(
     if applied && health == Some(Health::Healthy) {
         return Progress::Healthy;
     }
-    let waited = (now - assignment.assigned_at).to_std().unwrap_or_default();
+    let waited = (now - assignment.health_clock_at)
+        .to_std()
+        .unwrap_or_default();
     match timeout.checked_sub(waited) {
         Some(left) if !left.is_zero() => Progress::Updating(left),
         _ => Progress::Halting(
@@ -202,6 +204,9 @@ pub fn plan_rollout(input: RolloutInput<'_>) -> RolloutPlan {
             .iter()
             .filter(|i| progress[**i] == Progress::Healthy)
             .count();
+        if members.is_empty() {
+            continue;
+        }
         summary.push(format!("{name} {healthy}/{}", members.len()));
         current = Some(*name);
         if let Some(index) = members
@@ -239,13 +244,18 @@ pub fn plan_rollout(input: RolloutInput<'_>) -> RolloutPlan {
         break;
     }
     let healthy = progress.iter().filter(|p| **p == Progress::Healthy).count();
-    let complete = healthy == progress.len();
+    // No agent yet (targets not resolved): nothing is complete.
+    let complete = !progress.is_empty() && healthy == progress.len();
     let pending = progress
         .iter()
         .filter(|p| **p == Progress::Pending)
         .count()
         .saturating_sub(assign.len());
-    let mut summary = summary.join(" → ");
+    let mut summary = if summary.is_empty() {
+        "no agents".to_owned()
+    } else {
+        summary.join(" → ")
+    };
     if halt.is_some() {
         summary.push_str(" (halted)");
     } else if spec.paused && !complete {
@@ -327,6 +337,7 @@ mod tests {
                         deployment_object_id: OLD.0,
                         sequence_id: OLD.1,
                         assigned_at: now() - chrono::Duration::hours(1),
+                        health_clock_at: now() - chrono::Duration::hours(1),
                     }),
                 })
                 .collect();
@@ -345,6 +356,7 @@ mod tests {
                 deployment_object_id: NEW.0,
                 sequence_id: NEW.1,
                 assigned_at: now() - chrono::Duration::minutes(minutes_ago),
+                health_clock_at: now() - chrono::Duration::minutes(minutes_ago),
             });
             self
         }
@@ -488,6 +500,18 @@ mod tests {
         let halt = slow.plan(&spec).halt.unwrap();
         assert_eq!(halt.reason, "HealthTimeout");
         assert!(halt.message.contains("within 5m"), "{}", halt.message);
+    }
+
+    #[test]
+    fn without_agents_nothing_is_complete_and_empty_waves_are_not_listed() {
+        let spec = two_waves("");
+        let plan = Fleet::new(&[]).plan(&spec);
+        assert!(!plan.complete && plan.assign.is_empty());
+        assert_eq!(plan.status.summary.as_deref(), Some("no agents"));
+        let us_only = Fleet::new(&[("us-1", "region=us")]);
+        let plan = us_only.plan(&spec);
+        assert_eq!(plan.status.summary.as_deref(), Some("remaining 0/1"));
+        assert_eq!(us_only.names(&plan.assign), ["us-1"]);
     }
 
     #[test]

@@ -89,9 +89,8 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
         new_condition(type_, ok, reason, message, generation, now.clone())
     };
-    let sequence = input
-        .newest_sequence
-        .or(input.deployment_object.map(|d| d.sequence_id));
+    let sequence = input.deployment_object.map(|d| d.sequence_id);
+    let recorded = input.newest_sequence.or(sequence);
     let accepted = match &input.acceptance {
         Acceptance::Recorded => condition(
             types::ACCEPTED,
@@ -99,7 +98,7 @@ pub fn stack_status(input: StackStatusInput<'_>) -> StackStatus {
             reasons::RECORDED,
             format!(
                 "recorded as deployment object sequence {}",
-                sequence.unwrap_or_default()
+                recorded.unwrap_or_default()
             ),
         ),
         Acceptance::Suspended => condition(
@@ -504,12 +503,14 @@ mod tests {
             deployment_object_id: Uuid::new_v4(),
             sequence_id: 40,
             assigned_at: Utc::now(),
+            health_clock_at: Utc::now(),
         });
         let mut updated = agent("canary", Some(("Apply", "Success", "")), Some("healthy"));
         updated.assignment = Some(crate::store::Assignment {
             deployment_object_id: Uuid::new_v4(),
             sequence_id: 42,
             assigned_at: Utc::now(),
+            health_clock_at: Utc::now(),
         });
         let s = status(&[held, updated], Acceptance::Recorded);
         assert_eq!(s.ready.as_deref(), Some("1/2"));

@@ -381,7 +381,17 @@ async fn a_rollout_goes_wave_by_wave_halts_on_a_failing_agent_and_a_pin_rolls_ev
             condition_of(s, "Accepted").is_some_and(|c| c.1 == "UnknownRevision")
         })
         .await;
-    assert_eq!(condition_of(&stack, "Accepted").unwrap().0, "False");
+    let (accepted, _, message) = condition_of(&stack, "Accepted").unwrap();
+    assert_eq!(accepted, "False");
+    assert!(
+        message.ends_with(&format!(
+            "still serving deployment object sequence {first_sequence}"
+        )),
+        "{message}"
+    );
+    let (pinned, _, _) = condition_of(&stack, "Pinned").unwrap();
+    assert_eq!(pinned, "True", "the pin in force stays");
+    assert!(stack.status.as_ref().unwrap().rollout.is_none());
     assert_eq!(served(&hub, &agents).await, [one, one, one]);
     let stack_row = hub.live_stack_row("shop").await.unwrap();
     assert_eq!(
@@ -401,6 +411,17 @@ async fn a_rollout_goes_wave_by_wave_halts_on_a_failing_agent_and_a_pin_rolls_ev
         &agents,
         "the canary first again",
         vec![three, one, one],
+    )
+    .await;
+    // Its reports on that revision from before the pin do not count: eu waits for new ones.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(served(&hub, &agents).await, [three, one, one]);
+    reports(&hub, canary, third, "Success", "healthy").await;
+    served_when(
+        &hub,
+        &agents,
+        "eu-1 after the canary's new report",
+        vec![three, three, one],
     )
     .await;
     let stack = hub

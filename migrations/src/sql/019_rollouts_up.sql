@@ -12,13 +12,16 @@ ALTER TABLE stacks
     ADD COLUMN progressive BOOLEAN NOT NULL DEFAULT FALSE,
     ADD COLUMN serving_stamp BIGINT NOT NULL DEFAULT 0;
 
--- The revision each agent is assigned while a stack rolls out progressively. `stamp`,
--- drawn from the same sequence on every write, orders the assignments of one agent.
+-- The revision each agent is assigned while a stack rolls out progressively. Only reports
+-- made since `assigned_at` count for it; `health_clock_at` starts its health timeout (a
+-- resumed rollout restarts it). `stamp`, drawn from the same sequence on every write,
+-- orders the assignments of one agent.
 CREATE TABLE rollout_assignments (
     agent_id             UUID NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
     stack_id             UUID NOT NULL REFERENCES stacks (id) ON DELETE CASCADE,
     deployment_object_id UUID NOT NULL,
     assigned_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    health_clock_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     stamp                BIGINT NOT NULL DEFAULT nextval('deployment_objects_sequence_id_seq'),
     PRIMARY KEY (agent_id, stack_id)
 );

@@ -224,18 +224,22 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
     // render does not stop a rollback).
     let spec_refused = matches!(&plan, Plan::Refuse { reason, .. }
         if *reason == reasons::INVALID_SPEC || *reason == reasons::UNKNOWN_REVISION);
+    // What the stack serves now: as the spec says, or as it was when the spec is refused.
+    let mut serving = Serving {
+        pinned: synced.stack.pinned_object_id,
+        progressive: synced.stack.progressive,
+    };
     if let (Ok(pinned), false) = (&pin, spec_refused) {
-        let serving = Serving {
+        let wanted = Serving {
             pinned: pinned.as_ref().map(|object| object.id),
             progressive: stack.spec.rollout.is_some(),
         };
-        let unchanged = synced.stack.pinned_object_id == serving.pinned
-            && synced.stack.progressive == serving.progressive;
         // A pinned progressive stack also assigns the pin to agents targeted since.
-        if !unchanged || (serving.pinned.is_some() && serving.progressive) {
-            let changed = ctx.store.set_serving(stack_id, serving).await?;
+        if wanted != serving || (wanted.pinned.is_some() && wanted.progressive) {
+            let changed = ctx.store.set_serving(stack_id, wanted).await?;
             announce_pin(ctx, &reference, &changed).await;
         }
+        serving = wanted;
     }
     let served = ctx.store.served_head(stack_id).await?;
     let newest = synced.deployment_object.as_ref().map(|o| o.sequence_id);
@@ -244,9 +248,14 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         None => Vec::new(),
     };
     let previous = stack.status.clone();
-    let pinned = stack.spec.pinned_revision.filter(|_| pin.is_ok());
+    let pinned = served
+        .as_ref()
+        .filter(|_| serving.pinned.is_some())
+        .map(|object| object.sequence_id);
     let rollout = match (&stack.spec.rollout, &served) {
-        (Some(spec), Some(revision)) if pinned.is_none() && !revision.is_deletion_marker => {
+        (Some(spec), Some(revision))
+            if serving.progressive && pinned.is_none() && !revision.is_deletion_marker =>
+        {
             let step = RolloutStep {
                 stack_id,
                 spec,
@@ -479,10 +488,10 @@ fn set_rollout_status(
         None => (
             false,
             reasons::ROLLING_OUT,
-            format!(
-                "rolling revision {revision} out: wave {}",
-                plan.status.wave.as_deref().unwrap_or_default()
-            ),
+            match plan.status.wave.as_deref() {
+                Some(wave) => format!("rolling revision {revision} out: wave {wave}"),
+                None => format!("revision {revision} waits for agents to target"),
+            },
         ),
     };
     set_condition(

@@ -56,7 +56,11 @@ pub struct AgentStackStatus {
 pub struct Assignment {
     pub deployment_object_id: Uuid,
     pub sequence_id: i64,
+    /// Reports made before it are about an earlier assignment of the same revision (before
+    /// a pin, say) and do not count.
     pub assigned_at: DateTime<Utc>,
+    /// When its health timeout started (a resumed rollout restarts it).
+    pub health_clock_at: DateTime<Utc>,
 }
 
 const TARGETED_OBJECTS: &str = r#"
@@ -72,7 +76,7 @@ const STACK_STATUS: &str = r#"
 SELECT a.id AS agent_id, a.name AS agent_name, a.cluster_name, a.status AS agent_status,
        a.last_heartbeat,
        ra.deployment_object_id AS assigned_object_id, ad.sequence_id AS assigned_sequence,
-       ra.assigned_at,
+       ra.assigned_at, ra.health_clock_at,
        o.event_type AS outcome_type, o.status AS outcome_status,
        o.message AS outcome_message, o.created_at AS outcome_at,
        h.status AS health_status, h.message AS health_message, h.created_at AS health_at,
@@ -125,6 +129,7 @@ struct StackStatusRow {
     assigned_object_id: Option<Uuid>,
     assigned_sequence: Option<i64>,
     assigned_at: Option<DateTime<Utc>>,
+    health_clock_at: Option<DateTime<Utc>>,
     outcome_type: Option<String>,
     outcome_status: Option<String>,
     outcome_message: Option<String>,
@@ -249,16 +254,32 @@ impl From<StackStatusRow> for AgentStackStatus {
             row.assigned_object_id,
             row.assigned_sequence,
             row.assigned_at,
+            row.health_clock_at,
         ) {
-            (Some(deployment_object_id), Some(sequence_id), Some(assigned_at)) => {
+            (Some(deployment_object_id), Some(sequence_id), Some(assigned_at), Some(clock)) => {
                 Some(Assignment {
                     deployment_object_id,
                     sequence_id,
                     assigned_at,
+                    health_clock_at: clock,
                 })
             }
             _ => None,
         };
+        // An agent assigned the revision again (after a pin, say) has not reported on it
+        // until it reports after the assignment.
+        let since_assignment = |event: Option<EventSummary>| {
+            event.filter(|event| {
+                assignment
+                    .as_ref()
+                    .is_none_or(|a| event.at >= a.assigned_at)
+            })
+        };
+        let (outcome, health, drift) = (
+            since_assignment(outcome),
+            since_assignment(health),
+            since_assignment(drift),
+        );
         AgentStackStatus {
             assignment,
             agent_id: row.agent_id,

@@ -43,13 +43,14 @@ SELECT t.agent_id, t.stack_id, $2 FROM agent_targets t WHERE t.stack_id = $1
 ON CONFLICT (agent_id, stack_id) DO NOTHING
 "#;
 
-/// Assigns `$3` to the agents `$2` of stack `$1` that do not hold it yet; the health clock
-/// (`assigned_at`) starts only for those.
+/// Assigns `$3` to the agents `$2` of stack `$1` that do not hold it yet; their reports
+/// count from now, and their health clock starts.
 const ASSIGN: &str = r#"
 INSERT INTO rollout_assignments (agent_id, stack_id, deployment_object_id)
 SELECT agent_id::uuid, $1, $3 FROM jsonb_array_elements_text($2::jsonb) AS agent_id
 ON CONFLICT (agent_id, stack_id) DO UPDATE
-    SET deployment_object_id = EXCLUDED.deployment_object_id, assigned_at = now()
+    SET deployment_object_id = EXCLUDED.deployment_object_id, assigned_at = now(),
+        health_clock_at = now()
     WHERE rollout_assignments.deployment_object_id IS DISTINCT FROM EXCLUDED.deployment_object_id
 "#;
 
@@ -58,7 +59,8 @@ const ASSIGN_ALL: &str = r#"
 INSERT INTO rollout_assignments (agent_id, stack_id, deployment_object_id)
 SELECT t.agent_id, t.stack_id, $2 FROM agent_targets t WHERE t.stack_id = $1
 ON CONFLICT (agent_id, stack_id) DO UPDATE
-    SET deployment_object_id = EXCLUDED.deployment_object_id, assigned_at = now()
+    SET deployment_object_id = EXCLUDED.deployment_object_id, assigned_at = now(),
+        health_clock_at = now()
     WHERE rollout_assignments.deployment_object_id IS DISTINCT FROM EXCLUDED.deployment_object_id
 "#;
 
@@ -231,12 +233,12 @@ impl Store {
         deployment_object_id: Uuid,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        // Through a statement that leaves `deployment_object_id` alone: the stamp trigger
+        // The reports made so far still count (`assigned_at` stays). The stamp trigger
         // fires, but agents are served what they were.
         let result = self
             .db
             .execute_raw(statement(
-                "UPDATE rollout_assignments SET assigned_at = $3 \
+                "UPDATE rollout_assignments SET health_clock_at = $3 \
                  WHERE stack_id = $1 AND deployment_object_id = $2",
                 [stack_id.into(), deployment_object_id.into(), now.into()],
             ))
