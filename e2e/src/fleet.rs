@@ -329,6 +329,8 @@ impl Fleet {
                 "TARGETS",
                 "READY",
                 "REVISION",
+                "PINNED",
+                "ROLLOUT",
                 "ACCEPTED",
             ]
             .map(str::to_owned),
@@ -351,6 +353,12 @@ impl Fleet {
                     .deployment_object
                     .map(|d| d.sequence.to_string())
                     .unwrap_or_default(),
+                stack
+                    .spec
+                    .pinned_revision
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                status.rollout.and_then(|r| r.summary).unwrap_or_default(),
                 accepted,
             ]);
         }
