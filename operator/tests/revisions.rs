@@ -466,3 +466,50 @@ async fn without_a_rollout_a_pin_and_an_unpin_reach_every_agent_at_once() {
     .await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_not_healthy_in_time_halts_the_rollout_and_a_pause_and_resume_retries_it() {
+    let hub = Hub::start().await;
+    hub.create_generator("ci").await;
+    let mut rollout = rollout();
+    rollout["healthTimeout"] = serde_json::json!("3s");
+    let spec = |paused: bool| {
+        let mut rollout = rollout.clone();
+        rollout["paused"] = serde_json::json!(paused);
+        serde_json::json!({"generatorRef": {"name": "ci"}, "manifests": config_map("v1"), "rollout": rollout})
+    };
+    apply_spec(&hub, spec(false)).await;
+    let agents = fleet(&hub).await;
+    let (first, first_sequence) = revision(&hub, 0).await;
+    let one = Some(first_sequence);
+    served_when(&hub, &agents, "the canary first", vec![one, None, None]).await;
+
+    // The canary never reports: past healthTimeout the rollout halts.
+    let stack = hub
+        .stack_when("shop", "halted by the timeout", |s| {
+            condition_of(s, "RolloutHalted").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    let (_, reason, message) = condition_of(&stack, "RolloutHalted").unwrap();
+    assert_eq!(reason, "HealthTimeout");
+    assert!(message.contains("within 3s"), "{message}");
+
+    // A pause and a resume give it a new health timeout: no longer halted, for a while.
+    apply_spec(&hub, spec(true)).await;
+    hub.stack_when("shop", "paused", |s| {
+        s.status
+            .as_ref()
+            .and_then(|status| status.rollout.as_ref())
+            .is_some_and(|rollout| rollout.paused)
+    })
+    .await;
+    apply_spec(&hub, spec(false)).await;
+    hub.stack_when("shop", "resumed", |s| {
+        condition_of(s, "RolloutHalted").is_some_and(|c| c.0 == "False" && c.1 == "RollingOut")
+    })
+    .await;
+    // Within its new timeout the canary reports healthy: the rollout goes on.
+    reports(&hub, agents[0], first, "Success", "healthy").await;
+    served_when(&hub, &agents, "eu-1 follows", vec![one, one, None]).await;
+    hub.stop().await;
+}
