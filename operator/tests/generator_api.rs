@@ -192,6 +192,61 @@ async fn a_pushed_stack_is_recorded_with_the_generators_field_manager_and_its_re
 }
 
 #[tokio::test]
+async fn a_pipeline_rolls_back_by_pinning_a_revision_and_unpins_with_its_next_push() {
+    let p = Pipeline::start().await;
+    let key = p.generator("ci").await;
+    let (_, first) = p.push(&key, "shop", "?wait=30", CONFIG_MAP).await;
+    let first = first["revision"]["sequence"].as_i64().unwrap();
+    let green = CONFIG_MAP.replace("blue", "green");
+    let (_, second) = p.push(&key, "shop", "?wait=30", &green).await;
+    let second = second["revision"]["sequence"].as_i64().unwrap();
+
+    let (status, pinned) = p
+        .push_json(
+            &key,
+            "shop",
+            "?wait=30",
+            serde_json::json!({"manifests": green, "pinnedRevision": first}),
+        )
+        .await;
+    assert_eq!(status, 200, "{pinned}");
+    assert_eq!(
+        pinned["revision"]["sequence"].as_i64(),
+        Some(first),
+        "delivered"
+    );
+    let stack = p.hub.api::<Stack>().get("shop").await.unwrap();
+    assert_eq!(stack.spec.pinned_revision, Some(first));
+
+    let (status, refused) = p
+        .push_json(
+            &key,
+            "shop",
+            "?wait=30",
+            serde_json::json!({"manifests": green, "pinnedRevision": second + 1000}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("UnknownRevision"),
+        "{refused}"
+    );
+
+    let (status, unpinned) = p.push(&key, "shop", "?wait=30", &green).await;
+    assert_eq!(status, 200, "{unpinned}");
+    assert_eq!(unpinned["revision"]["sequence"].as_i64(), Some(second));
+    let stack = p.hub.api::<Stack>().get("shop").await.unwrap();
+    assert_eq!(
+        stack.spec.pinned_revision, None,
+        "a push without the pin unpins"
+    );
+    p.hub.stop().await;
+}
+
+#[tokio::test]
 async fn refused_content_is_a_422_with_the_parsers_message() {
     let p = Pipeline::start().await;
     let key = p.generator("ci").await;

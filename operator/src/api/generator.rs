@@ -129,6 +129,11 @@ pub struct PushBody {
     pub annotations: BTreeMap<String, String>,
     /// When given, an AgentTarget of the Stack's name delivers it to these agents.
     pub targets: Option<PushTargets>,
+    /// The Stack's `spec.pinnedRevision`: deliver this recorded revision to every agent
+    /// instead of the newest (a rollback). A later push without it unpins.
+    pub pinned_revision: Option<i64>,
+    /// The Stack's `spec.rollout`: deliver new revisions wave by wave.
+    pub rollout: Option<brokkr_crds::RolloutSpec>,
 }
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -526,6 +531,12 @@ fn stack_object(name: &str, generator: &CallingGenerator, push: &PushBody) -> se
     }
     if !push.annotations.is_empty() {
         spec["annotations"] = json!(push.annotations);
+    }
+    if let Some(revision) = push.pinned_revision {
+        spec["pinnedRevision"] = json!(revision);
+    }
+    if let Some(rollout) = &push.rollout {
+        spec["rollout"] = json!(rollout);
     }
     json!({
         "apiVersion": brokkr_crds::API_VERSION,
