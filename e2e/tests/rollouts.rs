@@ -670,26 +670,7 @@ async fn run(scene: &mut Scene) -> FleetResult<()> {
         delivered(&scene.stack().await?)
     })
     .await?;
-    let timeline = scene
-        .follow(
-            since,
-            "v1",
-            Some(first),
-            "revision 1 rolled out",
-            |stack, versions| {
-                all_hold(versions, "v1")
-                    && condition_is(
-                        stack,
-                        types::ROLLOUT_HALTED,
-                        "False",
-                        reasons::ROLLOUT_COMPLETE,
-                    )
-            },
-        )
-        .await?;
-    check_canary_first(&timeline, first)?;
-    scene.check_gates(first).await?;
-    scene.show("revision 1 rolled out").await;
+    rolled_out(scene, since, "v1", first, "revision 1 rolled out").await?;
 
     // 2. Revision 2 fails on the canary: the rollout halts, the eu spokes keep revision 1.
     eprintln!("\n=== 2. revision 2: web version=v2 and a ConfigMap in a namespace no spoke has");
@@ -776,7 +757,7 @@ async fn run(scene: &mut Scene) -> FleetResult<()> {
         delivered(&scene.stack().await?).filter(|s| *s > second)
     })
     .await?;
-    let timeline = rolled_out(scene, since, third, "revision 3 rolled out").await?;
+    let timeline = rolled_out(scene, since, "v3", third, "revision 3 rolled out").await?;
 
     // 4. A pin takes every spoke back to revision 1 at once.
     let history: Vec<i64> = timeline
@@ -859,21 +840,29 @@ async fn run(scene: &mut Scene) -> FleetResult<()> {
     })?;
     eprintln!("\nstarting the canary's agent again");
     scene.fleet.start_agent(&canary, 0).await?;
-    rolled_out(scene, since, third, "unpinned: revision 3 rolled out again").await?;
+    rolled_out(
+        scene,
+        since,
+        "v3",
+        third,
+        "unpinned: revision 3 rolled out again",
+    )
+    .await?;
     Ok(())
 }
 
-/// Waits until every spoke holds v3 (revision `third`) and the rollout is complete, checks
-/// that it went canary first through the gates, and shows the status.
+/// Waits until every spoke holds `version` (revision `revision`) and the rollout is
+/// complete, checks that it went canary first through the gates, and shows the status.
 async fn rolled_out(
     scene: &Scene,
     since: Instant,
-    third: i64,
+    version: &str,
+    revision: i64,
     title: &str,
 ) -> FleetResult<Timeline> {
     let timeline = scene
-        .follow(since, "v3", Some(third), title, |stack, versions| {
-            all_hold(versions, "v3")
+        .follow(since, version, Some(revision), title, |stack, versions| {
+            all_hold(versions, version)
                 && condition_is(
                     stack,
                     types::ROLLOUT_HALTED,
@@ -882,8 +871,8 @@ async fn rolled_out(
                 )
         })
         .await?;
-    check_canary_first(&timeline, third)?;
-    scene.check_gates(third).await?;
+    check_canary_first(&timeline, revision)?;
+    scene.check_gates(revision).await?;
     scene.show(title).await;
     Ok(timeline)
 }

@@ -1,10 +1,8 @@
 DROP TABLE rollout_assignments;
-DROP FUNCTION notify_rollout_assignments_changed();
-DROP FUNCTION stamp_rollout_assignment();
 DROP TRIGGER notify_stack_serving_changed ON stacks;
 DROP FUNCTION notify_stack_serving_changed();
 DROP TRIGGER stamp_stack_serving_change ON stacks;
-DROP FUNCTION stamp_stack_serving_change();
+DROP FUNCTION stamp_serving_change();
 ALTER TABLE stacks
     DROP COLUMN pinned_object_id,
     DROP COLUMN progressive,

@@ -14,21 +14,22 @@ ALTER TABLE stacks
 
 -- The revision each agent is assigned while a stack rolls out progressively. Only reports
 -- made since `assigned_at` count for it; `health_clock_at` starts its health timeout (a
--- resumed rollout restarts it). `stamp`, drawn from the same sequence on every write,
--- orders the assignments of one agent.
+-- resumed rollout restarts it). `serving_stamp`, drawn from the same sequence on every
+-- write, orders the assignments of one agent.
 CREATE TABLE rollout_assignments (
     agent_id             UUID NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
     stack_id             UUID NOT NULL REFERENCES stacks (id) ON DELETE CASCADE,
     deployment_object_id UUID NOT NULL,
     assigned_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
     health_clock_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
-    stamp                BIGINT NOT NULL DEFAULT nextval('deployment_objects_sequence_id_seq'),
+    serving_stamp        BIGINT NOT NULL DEFAULT nextval('deployment_objects_sequence_id_seq'),
     PRIMARY KEY (agent_id, stack_id)
 );
 
 CREATE INDEX rollout_assignments_stack_id_idx ON rollout_assignments (stack_id);
 
-CREATE FUNCTION stamp_stack_serving_change() RETURNS trigger AS $$
+-- Stamps a row of `stacks` or `rollout_assignments` whose serving changes.
+CREATE FUNCTION stamp_serving_change() RETURNS trigger AS $$
 BEGIN
     NEW.serving_stamp := nextval('deployment_objects_sequence_id_seq');
     RETURN NEW;
@@ -40,7 +41,7 @@ CREATE TRIGGER stamp_stack_serving_change
     FOR EACH ROW
     WHEN (OLD.pinned_object_id IS DISTINCT FROM NEW.pinned_object_id
           OR OLD.progressive IS DISTINCT FROM NEW.progressive)
-    EXECUTE FUNCTION stamp_stack_serving_change();
+    EXECUTE FUNCTION stamp_serving_change();
 
 CREATE FUNCTION notify_stack_serving_changed() RETURNS trigger AS $$
 BEGIN
@@ -56,40 +57,23 @@ CREATE TRIGGER notify_stack_serving_changed
           OR OLD.progressive IS DISTINCT FROM NEW.progressive)
     EXECUTE FUNCTION notify_stack_serving_changed();
 
-CREATE FUNCTION stamp_rollout_assignment() RETURNS trigger AS $$
-BEGIN
-    NEW.stamp := nextval('deployment_objects_sequence_id_seq');
-    RETURN NEW;
-END;
-$$ LANGUAGE plpgsql;
-
 CREATE TRIGGER stamp_rollout_assignment
     BEFORE UPDATE ON rollout_assignments
-    FOR EACH ROW EXECUTE FUNCTION stamp_rollout_assignment();
+    FOR EACH ROW EXECUTE FUNCTION stamp_serving_change();
 
--- One notification per stack and statement, as for new deployment objects.
-CREATE FUNCTION notify_rollout_assignments_changed() RETURNS trigger AS $$
-DECLARE
-    changed uuid;
-BEGIN
-    FOR changed IN SELECT DISTINCT stack_id FROM changed_rows LOOP
-        PERFORM pg_notify('brokkr_desired', 's:' || changed);
-    END LOOP;
-    RETURN NULL;
-END;
-$$ LANGUAGE plpgsql;
-
+-- One `s:<stack>` per stack and statement, by 009's function (which reads the changed rows
+-- as the transition table `inserted`, whatever the statement).
 CREATE TRIGGER notify_rollout_assignments_inserted
     AFTER INSERT ON rollout_assignments
-    REFERENCING NEW TABLE AS changed_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION notify_rollout_assignments_changed();
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_deployment_objects_inserted();
 
 CREATE TRIGGER notify_rollout_assignments_updated
     AFTER UPDATE ON rollout_assignments
-    REFERENCING NEW TABLE AS changed_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION notify_rollout_assignments_changed();
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_deployment_objects_inserted();
 
 CREATE TRIGGER notify_rollout_assignments_deleted
     AFTER DELETE ON rollout_assignments
-    REFERENCING OLD TABLE AS changed_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION notify_rollout_assignments_changed();
+    REFERENCING OLD TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_deployment_objects_inserted();

@@ -26,6 +26,7 @@ use brokkr_crds::{API_VERSION, Generator, OPERATOR_FIELD_MANAGER, Stack, StackSt
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument};
 
@@ -241,7 +242,15 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         }
         serving = wanted;
     }
-    let served = ctx.store.served_head(stack_id).await?;
+    // Served: the newest revision, which the sync returned, or the pin (read only when
+    // the spec did not just resolve it).
+    let served = match serving.pinned {
+        None => synced.deployment_object.clone(),
+        Some(pinned) => match &pin {
+            Ok(Some(object)) if object.id == pinned => Some(object.clone()),
+            _ => ctx.store.deployment_object(pinned).await?,
+        },
+    };
     let newest = synced.deployment_object.as_ref().map(|o| o.sequence_id);
     let mut agents = match &served {
         Some(object) => ctx.store.stack_status(stack_id, object.id).await?,
@@ -393,21 +402,18 @@ impl RolloutStep<'_> {
     }
 
     fn plan(&self, ctx: &Context, agents: &[AgentStackStatus]) -> RolloutPlan {
-        let cached = ctx.caches.agents.state();
-        let no_labels = std::collections::BTreeMap::new();
-        let labels: Vec<&std::collections::BTreeMap<String, String>> = agents
+        let cached: Vec<Option<Arc<brokkr_crds::Agent>>> = agents
             .iter()
-            .map(|agent| {
-                cached
-                    .iter()
-                    .find(|cached| cached.name_any() == agent.agent_name)
-                    .map_or(&no_labels, |cached| cached.labels())
-            })
+            .map(|agent| ctx.caches.agents.get(&ObjectRef::new(&agent.agent_name)))
             .collect();
+        let no_labels = std::collections::BTreeMap::new();
         let rollout_agents: Vec<RolloutAgent<'_>> = agents
             .iter()
-            .zip(labels)
-            .map(|(report, labels)| RolloutAgent { labels, report })
+            .zip(&cached)
+            .map(|(report, agent)| RolloutAgent {
+                labels: agent.as_ref().map_or(&no_labels, |agent| agent.labels()),
+                report,
+            })
             .collect();
         plan_rollout(RolloutInput {
             spec: self.spec,

@@ -131,7 +131,7 @@ macro_rules! desired_rows {
 SELECT t.agent_id, t.stack_id, s.name AS stack_name, d.id AS deployment_object_id,
        d.sequence_id, d.yaml_checksum, d.is_deletion_marker,
        s.deleted_at IS NOT NULL AS stack_deleted,
-       GREATEST(d.sequence_id, s.serving_stamp, COALESCE(ra.stamp, 0)) AS stamp
+       GREATEST(d.sequence_id, s.serving_stamp, COALESCE(ra.serving_stamp, 0)) AS stamp
 FROM agent_targets t
 JOIN stacks s ON s.id = t.stack_id
 LEFT JOIN rollout_assignments ra
@@ -250,7 +250,7 @@ WHERE s.id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)
 const STACK_ASSIGNMENTS: &str = r#"
 SELECT ra.stack_id, ra.agent_id, d.id AS deployment_object_id, d.sequence_id,
        d.yaml_checksum, d.is_deletion_marker,
-       GREATEST(d.sequence_id, s.serving_stamp, ra.stamp) AS stamp
+       GREATEST(d.sequence_id, s.serving_stamp, ra.serving_stamp) AS stamp
 FROM rollout_assignments ra
 JOIN stacks s ON s.id = ra.stack_id
 JOIN deployment_objects d ON d.id = ra.deployment_object_id AND d.deleted_at IS NULL
