@@ -13,8 +13,10 @@ What is checked:
   pods are locked down (non-root, read-only root FS, no capabilities, RuntimeDefault
   seccomp, resources); the probes and the environment match what the binaries read
   (operator/src/config.rs, agent/src/config.rs); the operator's RBAC is exactly the
-  documented rule set, and every rule in the RBAC templates carries a comment; invalid
-  values fail with the chart's own message.
+  documented rule set, and every rule in the RBAC templates carries a comment; the
+  optional PrometheusRule queries only metrics operator/src/metrics.rs registers and tells
+  the user which kubectl command shows the details; invalid values fail with the chart's
+  own message.
 
 The examples (examples/*.yaml) are not checked here: e2e/tests/examples.rs applies each of
 them to the CRDs themselves (kubesim runs their schemas and CEL rules as an API server does),
@@ -203,9 +205,10 @@ def scenarios() -> list[Scenario]:
                  {**base_op, "Service": 3, "StatefulSet": 1, "Secret": 1},
                  [check_operator_rbac, check_in_chart_postgres]),
         Scenario("brokkr-operator", "ci/production-values.yaml", op_prod, "brokkr-system",
-                 {**base_op, "Service": 2, "ServiceMonitor": 1, "NetworkPolicy": 1,
+                 {**base_op, "Service": 2, "ServiceMonitor": 1, "PrometheusRule": 1, "NetworkPolicy": 1,
                   "Ingress": 1, "PodDisruptionBudget": 1},
-                 [check_operator_rbac, check_external_secret_database, check_replicas(2), check_api_tls],
+                 [check_operator_rbac, check_external_secret_database, check_replicas(2), check_api_tls,
+                  check_prometheus_rule],
                  external={op_prod["externalDatabase"]["existingSecret"], op_prod["api"]["tls"]["secretName"]}),
         Scenario("brokkr-operator", "externalDatabase.url + networkPolicy",
                  {"postgresql": {"enabled": False}, "networkPolicy": {"enabled": True},
@@ -263,6 +266,12 @@ NEGATIVE = [
      {"postgresql": {"auth": {"password": "p@ss word"}}}, "password"),
     ("brokkr-operator", "TLS without a Secret", {"api": {"tls": {"enabled": True}}},
      "api.tls.secretName is required"),
+    ("brokkr-operator", "a PrometheusRule with every alert disabled",
+     {"prometheusRule": {"enabled": True, "alerts": {name: {"enabled": False} for name in (
+         "agentsOffline", "agentsError", "stacksDegraded", "stacksNotApplied", "rolloutsHalted",
+         "notificationsFailing")}}}, "every alert in prometheusRule.alerts is disabled"),
+    ("brokkr-operator", "a PrometheusRule `for` that is no Prometheus duration",
+     {"prometheusRule": {"alerts": {"agentsOffline": {"for": "5 minutes"}}}}, "for"),
     ("brokkr-agent", "nothing set", {}, "agentName is required"),
     ("brokkr-agent", "two CA sources",
      deep_merge(AGENT_REQUIRED, {"hub": {"caBundle": TEST_CA, "caConfigMap": "c"}}), "not both"),
@@ -352,7 +361,7 @@ def check_common(r: Rendered) -> None:
             R.check(obj_ns is None, f"{kind} {name}: cluster-scoped, so no namespace")
         elif kind in ("Role", "RoleBinding") and r.scenario.chart == "brokkr-agent":
             R.check(bool(obj_ns), f"{kind} {name}: has a namespace")
-        elif kind == "ServiceMonitor":
+        elif kind in ("ServiceMonitor", "PrometheusRule"):
             R.check(bool(obj_ns), f"{kind} {name}: has a namespace")
         else:
             R.check(obj_ns == ns, f"{kind} {name}: in the release namespace", f"got {obj_ns!r}")
@@ -580,7 +589,7 @@ def rules_table(rules: list[dict]) -> set[tuple]:
 
 
 def expected_operator_rules(install_crds: bool) -> set[tuple]:
-    kinds = ["generators", "stacks", "agenttargets", "agents"]
+    kinds = ["generators", "stacks", "agenttargets", "agents", "notificationchannels", "alertrules"]
     rules = [{"apiGroups": ["brokkr.io"], "resources": kinds,
               "verbs": ["get", "list", "watch", "patch", "update"]},
              {"apiGroups": ["brokkr.io"], "resources": [f"{k}/status" for k in kinds],
@@ -620,6 +629,43 @@ def check_operator_rbac(r: Rendered) -> None:
     notes = r.notes
     R.check("-o jsonpath='{.data.pak}' | base64 -d" in notes and "kubectl apply -f examples/generator.yaml" in notes,
             "NOTES.txt: next commands (examples, reading an agent key)")
+
+
+def metrics_registered() -> set[str]:
+    """The metric names the hub serves: brokkr_operator_ + each name operator/src/metrics.rs
+    registers (counters get _total)."""
+    text = (ROOT / "operator/src/metrics.rs").read_text()
+    names = {f"brokkr_operator_{name}" for name in re.findall(r'register\(\s*"([a-z_]+)"', text)}
+    # Counters are exposed with _total; which families are counters is not visible at the
+    # call site, so accept either spelling.
+    return names | {f"{n}_total" for n in names}
+
+
+def check_prometheus_rule(r: Rendered) -> None:
+    rule = r.one("PrometheusRule")
+    pr = r.merged["prometheusRule"]
+    R.check(dig(rule, "apiVersion") == "monitoring.coreos.com/v1", "PrometheusRule: monitoring.coreos.com/v1")
+    labels = dig(rule, "metadata", "labels", default={})
+    R.check(all(labels.get(k) == v for k, v in pr["labels"].items()),
+            "PrometheusRule: carries prometheusRule.labels (what Prometheus selects rules by)")
+    rules = [x for g in dig(rule, "spec", "groups", default=[]) for x in g.get("rules", [])]
+    enabled = {name for name, alert in pr["alerts"].items() if alert["enabled"]}
+    R.check(len(rules) == len(enabled), "PrometheusRule: one rule per enabled alert",
+            f"{len(rules)} rules, {len(enabled)} enabled")
+    known = metrics_registered()
+    for x in rules:
+        alert = x.get("alert", "?")
+        used = set(re.findall(r"\b(brokkr_operator_[a-z_]+)", x.get("expr", "")))
+        R.check(bool(used) and used <= known, f"PrometheusRule {alert}: uses metrics the hub serves",
+                f"unknown: {sorted(used - known)}")
+        R.check(bool(re.match(r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$", str(x.get("for", "")))),
+                f"PrometheusRule {alert}: `for` is a Prometheus duration", repr(x.get("for")))
+        R.check(bool(dig(x, "labels", "severity")), f"PrometheusRule {alert}: has a severity label")
+        description = dig(x, "annotations", "description", default="")
+        R.check(bool(dig(x, "annotations", "summary")) and "kubectl " in description,
+                f"PrometheusRule {alert}: summary, and a description naming the kubectl command")
+        R.check("{{" not in x.get("expr", "") and description.count("{{") == description.count("}}"),
+                f"PrometheusRule {alert}: Prometheus templates survive Helm's rendering")
 
 
 def check_in_chart_postgres(r: Rendered) -> None:
@@ -844,7 +890,7 @@ def check_charts() -> None:
         check_rbac_comments(chart)
         if chart == "brokkr-operator":
             crds = sorted(p.name for p in CRDS.glob("*.yaml"))
-            R.check(len(crds) == 4, "crds/ holds the four generated CRDs", repr(crds))
+            R.check(len(crds) == 6, "crds/ holds the six generated CRDs", repr(crds))
 
     for scenario in scenarios():
         R.start(f"{scenario.chart}: {scenario.label}")

@@ -18,6 +18,10 @@ pub const AGENT_RETRY: Backoff = Backoff::new(Duration::from_secs(2), Duration::
 /// ([`Backoff::ceiling`]): the hub is one process, there is no fleet to spread.
 pub const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
+/// The hub's retries of an alert notification its channel did not accept (until the
+/// retry window, 24 hours by default, runs out).
+pub const NOTIFICATION: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+
 /// An exponential backoff policy: `initial * 2^attempt`, capped at `max`, with "equal jitter"
 /// (half the delay fixed, half random) so a fleet of agents does not retry in lockstep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,5 +101,7 @@ mod tests {
         assert_eq!(retry, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         let reconnect: Vec<u128> = (0..8).map(|a| RECONNECT.ceiling(a).as_millis()).collect();
         assert_eq!(reconnect, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
+        let notification: Vec<u64> = (0..11).map(|a| NOTIFICATION.ceiling(a).as_secs()).collect();
+        assert_eq!(notification, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
     }
 }

@@ -19,13 +19,8 @@ pub fn error_chain(err: &dyn Error) -> String {
         }
         source = cause.source();
     }
-    if text.len() > MAX_ERROR_CHAIN {
-        let mut end = MAX_ERROR_CHAIN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
+    let end = crate::truncate_bytes(&text, MAX_ERROR_CHAIN).len();
+    text.truncate(end);
     text
 }
 

@@ -6,8 +6,10 @@ pub mod backoff;
 pub mod duration;
 pub mod error;
 mod logging;
+pub mod text;
 
 pub use backoff::Backoff;
 pub use duration::{parse_duration, parse_interval};
 pub use error::{error_chain, error_sources};
 pub use logging::init_tracing;
+pub use text::truncate_bytes;

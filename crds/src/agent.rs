@@ -39,7 +39,7 @@ use crate::validation::{CLUSTER_NAME_MAX_LEN, SpecError, validate_annotations, v
         name = "Status",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Pending, Online, Offline or Suspended"
+        description = "Pending, Online, Error, Offline or Suspended"
     ),
     printcolumn(
         name = "Last-Heartbeat",
@@ -110,8 +110,10 @@ pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Standard conditions: `Ready` (registered, key issued, not suspended) and `Online`
-    /// (heartbeats arrive in time).
+    /// Standard conditions: `Ready` (registered, key issued, not suspended), `Online`
+    /// (heartbeats arrive in time) and `Healthy` (the agent reports it can do its job on
+    /// the spoke; `False` with reason `AgentError` and the agent's own message when it
+    /// cannot, and while no heartbeat arrives).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
@@ -120,8 +122,9 @@ pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
 
-    /// `Pending` until the first heartbeat, then `Online` or `Offline` (heartbeats
-    /// stopped); `Suspended` while `spec.suspend` is true.
+    /// `Pending` until the first heartbeat, then `Online`, `Error` (heartbeats arrive but
+    /// the agent reports it cannot do its job; the `Healthy` condition says why) or
+    /// `Offline` (heartbeats stopped); `Suspended` while `spec.suspend` is true.
     // Not through the derived `Option` schema: kube's OptionalEnum transform would replace
     // this description with the enum type's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,9 @@ pub enum AgentPhase {
     Pending,
     /// Heartbeats arrive in time.
     Online,
+    /// Heartbeats arrive but the agent reports it cannot work (e.g. the spoke API server is
+    /// unreachable, or RBAC refuses a watch); the `Healthy` condition carries its reason.
+    Error,
     /// Heartbeats stopped.
     Offline,
     /// `spec.suspend` is true.
@@ -165,6 +171,7 @@ impl AgentPhase {
         match self {
             Self::Pending => "Pending",
             Self::Online => "Online",
+            Self::Error => "Error",
             Self::Offline => "Offline",
             Self::Suspended => "Suspended",
         }
@@ -279,5 +286,13 @@ spec:
             "brokkr-system"
         );
         assert_eq!(serde_json::to_value(&status).unwrap(), json);
+    }
+
+    #[test]
+    fn the_error_phase_reads_as_error() {
+        let status: AgentStatus =
+            serde_json::from_value(serde_json::json!({"phase": "Error"})).unwrap();
+        assert_eq!(status.phase, Some(AgentPhase::Error));
+        assert_eq!(AgentPhase::Error.to_string(), "Error");
     }
 }

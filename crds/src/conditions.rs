@@ -30,6 +30,12 @@ pub mod types {
     pub const DEGRADED: &str = "Degraded";
     /// Agent: heartbeats arrive in time.
     pub const ONLINE: &str = "Online";
+    /// Agent: the agent reports that it can do its job on the spoke (`True`, reason
+    /// `AgentReady`). `False` with reason `AgentError` and the agent's message when it
+    /// reports it cannot (its phase is `Error`, `Online` stays `True`); `False` with
+    /// `HeartbeatMissed`, `NeverConnected` or `Suspended` when no report arrives, since an
+    /// agent that is not heard from is not known to work.
+    pub const HEALTHY: &str = "Healthy";
     /// Stack: at least one targeted agent reports drift it did not correct
     /// (`driftPolicy: Detect`).
     pub const DRIFTED: &str = "Drifted";
@@ -104,6 +110,11 @@ pub mod reasons {
     pub const HEARTBEAT_MISSED: &str = "HeartbeatMissed";
     /// The agent never sent a heartbeat.
     pub const NEVER_CONNECTED: &str = "NeverConnected";
+    /// `Healthy=True`: the agent's heartbeats report that it works.
+    pub const AGENT_READY: &str = "AgentReady";
+    /// `Healthy=False`: the agent's heartbeats report that it cannot work on the spoke; the
+    /// message is the agent's reason.
+    pub const AGENT_ERROR: &str = "AgentError";
 
     // Agent and Generator keys.
     /// Less than 10 % of the key's lifetime is left (`KeyExpiring=True`).
@@ -132,6 +143,16 @@ pub mod reasons {
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
     /// `RolloutHalted=False`: `spec.rollout.paused` is true.
     pub const ROLLOUT_PAUSED: &str = "RolloutPaused";
+
+    // NotificationChannel and AlertRule.
+    /// `Ready=False`: a Secret or Secret key the channel names does not exist.
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// `Ready=True`: the last notification was delivered.
+    pub const DELIVERED: &str = "Delivered";
+    /// `Ready=False`: the last delivery attempts failed; they are retried.
+    pub const DELIVERY_FAILING: &str = "DeliveryFailing";
+    /// `Ready=False`: a channel in `spec.channels` does not exist in the namespace.
+    pub const CHANNEL_NOT_FOUND: &str = "ChannelNotFound";
 }
 
 /// Builds a condition. `now` is passed in so callers (and tests) own the clock.

@@ -8,8 +8,10 @@
 //! | [`Stack`] | namespaced | `stk` |
 //! | [`AgentTarget`] | namespaced | `at` |
 //! | [`Agent`] | cluster | `agt` |
+//! | [`NotificationChannel`] | namespaced | `nch` |
+//! | [`AlertRule`] | namespaced | `alr` |
 //!
-//! All four kinds are in the `brokkr` category, so `kubectl get brokkr` lists them.
+//! All kinds are in the `brokkr` category, so `kubectl get brokkr` lists them.
 //!
 //! Doc comments on the spec and status types become the descriptions that
 //! `kubectl explain` prints, so they are written for users. Notes for developers
@@ -18,6 +20,7 @@
 pub mod access;
 pub mod agent;
 pub mod agent_target;
+pub mod alerting;
 pub mod conditions;
 mod crdgen;
 pub mod generator;
@@ -33,6 +36,11 @@ pub use access::{KeyPolicy, KeyStatus, REVOKE_KEY_ANNOTATION, TargetableFrom};
 pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus, SecretRef};
 pub use agent_target::{
     AgentTarget, AgentTargetSpec, AgentTargetStatus, MAX_AGENT_NAMES_IN_STATUS, StackRef,
+};
+pub use alerting::{
+    AlertCondition, AlertConditionType, AlertNotification, AlertRule, AlertRuleSpec,
+    AlertRuleStatus, AlertState, AlertSubject, ChannelType, FiringAlert, NotificationChannel,
+    NotificationChannelSpec, NotificationChannelStatus, SecretKeySelector, Severity,
 };
 pub use crdgen::{
     CHART_CRDS_DIR, all_crds, crd_file_name, crds_yaml, rendered_crd_files, write_crd_files,
@@ -99,5 +107,7 @@ mod tests {
         assert_eq!(Stack::api_version(&()), API_VERSION);
         assert_eq!(AgentTarget::api_version(&()), API_VERSION);
         assert_eq!(Agent::api_version(&()), API_VERSION);
+        assert_eq!(NotificationChannel::api_version(&()), API_VERSION);
+        assert_eq!(AlertRule::api_version(&()), API_VERSION);
     }
 }

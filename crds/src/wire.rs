@@ -24,6 +24,17 @@ pub const MAX_WAIT_SECONDS: u64 = 60;
 pub const MAX_EVENTS_PER_BATCH: usize = 500;
 /// Longest event message, in characters.
 pub const MAX_EVENT_MESSAGE_CHARS: usize = 4096;
+/// [`Heartbeat::state`] of an agent that does its job and has nothing left to do.
+pub const STATE_READY: &str = "Ready";
+/// [`Heartbeat::state`] of an agent that cannot do its job on the spoke (the API server is
+/// unreachable, its inventories cannot be read, RBAC refuses a watch); the heartbeat's
+/// `message` says why. It takes precedence over every other state.
+pub const STATE_ERROR: &str = "Error";
+/// Longest [`Heartbeat::message`] an agent sends, in characters: it cuts longer ones.
+pub const MAX_STATE_MESSAGE_CHARS: usize = 1024;
+/// Longest [`Heartbeat::message`] the hub accepts, in bytes (room for 1,024 characters of
+/// any script); longer ones are refused with 422.
+pub const MAX_STATE_MESSAGE_BYTES: usize = 4096;
 
 /// Everything an agent should hold. A stack missing from `stacks` is to be removed
 /// from the spoke, along with everything the agent applied for it.
@@ -188,8 +199,14 @@ pub fn parse_health_message(message: &str) -> Health {
 pub struct Heartbeat {
     /// The agent's version.
     pub version: String,
-    /// What the agent is doing, e.g. `Ready`, `Syncing`, `Degraded`.
+    /// What the agent is doing: `Starting`, `Ready` ([`STATE_READY`]), `Syncing`, `Degraded`,
+    /// or `Error` ([`STATE_ERROR`]) when it cannot do its job on the spoke.
     pub state: String,
+    /// Why the agent is in its state; set with `state: "Error"`, e.g. `spoke API server
+    /// unreachable: ...`. At most [`MAX_STATE_MESSAGE_CHARS`] characters from agents, and
+    /// [`MAX_STATE_MESSAGE_BYTES`] bytes at the hub. Hubs that predate it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(default)]
     pub stacks: Vec<StackSummary>,
 }
@@ -283,11 +300,33 @@ pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Why the hub refuses a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidHeartbeat {
+    #[error(transparent)]
+    Unstorable(#[from] UnstorableText),
+    #[error("message is {len} bytes long; at most {MAX_STATE_MESSAGE_BYTES} are accepted")]
+    MessageTooLong { len: usize },
+}
+
 impl Heartbeat {
-    /// Refuses strings the hub could not store, naming the first such field.
-    pub fn validate(&self) -> Result<(), UnstorableText> {
+    /// Refuses strings the hub could not store, naming the first such field, and a
+    /// message longer than [`MAX_STATE_MESSAGE_BYTES`].
+    pub fn validate(&self) -> Result<(), InvalidHeartbeat> {
         check_storable(|| "version".to_owned(), &self.version)?;
-        check_storable(|| "state".to_owned(), &self.state)
+        check_storable(|| "state".to_owned(), &self.state)?;
+        if let Some(message) = &self.message {
+            check_storable(|| "message".to_owned(), message)?;
+            if message.len() > MAX_STATE_MESSAGE_BYTES {
+                return Err(InvalidHeartbeat::MessageTooLong { len: message.len() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the agent reports that it cannot do its job ([`STATE_ERROR`]).
+    pub fn is_error(&self) -> bool {
+        self.state == STATE_ERROR
     }
 }
 
@@ -381,6 +420,67 @@ mod tests {
             }
             .validate()
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn heartbeat_messages_cross_old_and_new_hubs_and_agents() {
+        // A new agent's heartbeat, read by a hub that predates `message` (serde ignores
+        // unknown fields: `Heartbeat` does not deny them).
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldHeartbeat {
+            version: String,
+            state: String,
+            #[serde(default)]
+            stacks: Vec<StackSummary>,
+        }
+        let new = Heartbeat {
+            version: "2.0.0".into(),
+            state: STATE_ERROR.into(),
+            message: Some("spoke API server unreachable: connection refused".into()),
+            stacks: Vec::new(),
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(
+            json.contains(r#""message":"spoke API server unreachable"#),
+            "{json}"
+        );
+        let old: OldHeartbeat = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.state, "Error");
+        // An old agent's heartbeat, read by a new hub: no message; and a new agent in a
+        // state without a message sends none.
+        let from_old: Heartbeat =
+            serde_json::from_str(r#"{"version":"1.0.0","state":"Ready","stacks":[]}"#).unwrap();
+        assert_eq!(from_old.message, None);
+        assert!(!from_old.is_error());
+        let ready = Heartbeat {
+            state: STATE_READY.into(),
+            ..Default::default()
+        };
+        assert!(!serde_json::to_string(&ready).unwrap().contains("message"));
+    }
+
+    #[test]
+    fn heartbeat_messages_with_nul_or_over_4096_bytes_are_refused() {
+        let beat = |message: String| Heartbeat {
+            version: "1.0.0".into(),
+            state: STATE_ERROR.into(),
+            message: Some(message),
+            stacks: Vec::new(),
+        };
+        assert!(
+            beat("é".repeat(MAX_STATE_MESSAGE_BYTES / 2))
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            beat("x".repeat(MAX_STATE_MESSAGE_BYTES + 1)).validate(),
+            Err(InvalidHeartbeat::MessageTooLong { len: 4097 })
+        );
+        assert_eq!(
+            beat("bad\0".into()).validate().unwrap_err().to_string(),
+            "message contains a NUL character (\\u0000), which cannot be stored"
         );
     }
 

@@ -138,12 +138,27 @@ fn printer_columns_point_at_fields_that_exist() {
             if path == ".metadata.creationTimestamp" {
                 continue;
             }
+            // A filter such as `conditions[?(@.type=="Ready")]` selects list items: the
+            // list's item schema must have the fields after it.
+            let plain = match (path.find("[?("), path.find(")]")) {
+                (Some(start), Some(end)) => format!("{}[]{}", &path[..start], &path[end + 2..]),
+                _ => path.clone(),
+            };
             let mut node = &schema;
-            for part in path.trim_start_matches('.').split('.') {
+            for part in plain.trim_start_matches('.').split('.') {
+                let (field, list) = match part.strip_suffix("[]") {
+                    Some(field) => (field, true),
+                    None => (part, false),
+                };
                 node = node
                     .get("properties")
-                    .and_then(|p| p.get(part))
+                    .and_then(|p| p.get(field))
                     .unwrap_or_else(|| panic!("{kind} column {name}: {path} is not in the schema"));
+                if list {
+                    node = node
+                        .get("items")
+                        .unwrap_or_else(|| panic!("{kind} column {name}: {field} is not a list"));
+                }
             }
         }
     }
@@ -156,6 +171,13 @@ fn short_names_scope_and_category() {
         ("Stack", "stacks", "stk", "Namespaced"),
         ("AgentTarget", "agenttargets", "at", "Namespaced"),
         ("Agent", "agents", "agt", "Cluster"),
+        (
+            "NotificationChannel",
+            "notificationchannels",
+            "nch",
+            "Namespaced",
+        ),
+        ("AlertRule", "alertrules", "alr", "Namespaced"),
     ];
     for (kind, plural, short, scope) in expected {
         let crd = crd(kind);
@@ -292,7 +314,7 @@ fn agent_phase_explains_its_values() {
     let phase = &schema("Agent")["properties"]["status"]["properties"]["phase"];
     assert_eq!(
         phase["enum"],
-        serde_json::json!(["Pending", "Online", "Offline", "Suspended"])
+        serde_json::json!(["Pending", "Online", "Error", "Offline", "Suspended"])
     );
     let description = phase["description"].as_str().unwrap();
     assert!(

@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod fleet;
+pub mod receiver;
 pub mod tour;

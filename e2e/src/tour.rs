@@ -1,12 +1,12 @@
 //! The tour of Brokkr that the demo narrates and the scenario test checks: the
 //! examples applied to a hub, delivered by two agents to two spokes, refused when targeted
 //! from a hub namespace the Agents do not accept, updated while the operator is down,
-//! broken, deleted, and an agent going Offline.
+//! broken, deleted, and an agent going Offline, which fires an alert to a webhook.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use brokkr_crds::{Agent, AgentPhase, AgentTarget, Stack};
+use brokkr_crds::{Agent, AgentPhase, AgentTarget, AlertRule, Stack};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -14,6 +14,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 use crate::bench::BenchError;
 use crate::fleet::{Fleet, FleetResult, apply_yaml, roll_out_client, wait_for};
+use crate::receiver::WebhookReceiver;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const DEMO_NAMESPACE: &str = "brokkr-demo";
@@ -318,8 +319,32 @@ async fn deliver_update_break_delete(fleet: &mut Fleet, n: &Narrator) -> FleetRe
         fleet.stacks_table().await
     ));
 
-    n.say("Stopping the agent prod-us: after three missed heartbeats the hub marks it Offline");
+    alert_on_an_offline_agent(fleet, n).await
+}
+
+/// The on-call team is told: examples/alerting.yaml with its webhook pointed at a receiver
+/// the tour runs; an agent stops, the alert fires (signed), the agent returns, it resolves.
+async fn alert_on_an_offline_agent(fleet: &mut Fleet, n: &Narrator) -> FleetResult<()> {
+    n.say("Telling the on-call team when an agent goes Offline: examples/alerting.yaml, its webhook URL pointed at a receiver this tour runs and `for` shortened to 5s");
+    let receiver = WebhookReceiver::start().await?;
+    let yaml = example("alerting.yaml")?
+        .replace("https://hooks.example.com/brokkr", &receiver.url)
+        .replace("for: 30s", "for: 5s");
+    apply_shown(fleet, &yaml, DEMO_NAMESPACE, "-f examples/alerting.yaml", n).await?;
+    let rules: Api<AlertRule> = Api::namespaced(fleet.hub.client.clone(), DEMO_NAMESPACE);
+    wait_for(PATIENCE, "AlertRule edge-down Ready", || async {
+        let status = rules.get_opt("edge-down").await.ok().flatten()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await?;
+
+    n.say("Stopping the agent prod-us: after three missed heartbeats the hub marks it Offline, and 5 s after its last heartbeat the rule fires");
     fleet.stop_agent("prod-us").await;
+    let stopped = Instant::now();
     let agents: Api<Agent> = Api::all(fleet.hub.client.clone());
     wait_for(PATIENCE, "Agent prod-us Offline", || async {
         let agent = agents.get_opt("prod-us").await.ok().flatten()?;
@@ -329,6 +354,87 @@ async fn deliver_update_break_delete(fleet: &mut Fleet, n: &Narrator) -> FleetRe
     n.show(&format!(
         "$ kubectl get agents\n{}",
         fleet.agents_table().await
+    ));
+    let firing = receiver.wait_for(1, PATIENCE).await?.remove(0);
+    let fired_after = stopped.elapsed();
+    let body = firing.json();
+    let expected = [
+        ("state", "firing"),
+        ("condition", "AgentOffline"),
+        ("severity", "critical"),
+        ("rule", "brokkr-demo/edge-down"),
+    ];
+    for (field, value) in expected {
+        if body[field] != value {
+            return Err(BenchError::Setup(format!(
+                "the firing notification's {field} is {} instead of {value:?}",
+                body[field]
+            )));
+        }
+    }
+    if body["subject"] != serde_json::json!({"kind": "Agent", "name": "prod-us"}) {
+        return Err(BenchError::Setup(format!(
+            "the firing notification is about {} instead of Agent prod-us",
+            body["subject"]
+        )));
+    }
+    let signed = firing
+        .headers
+        .get("x-brokkr-signature")
+        .is_some_and(|s| s.starts_with("sha256=") && s.len() == 7 + 64);
+    if !signed {
+        return Err(BenchError::Setup(
+            "the firing notification carries no X-Brokkr-Signature".into(),
+        ));
+    }
+    n.show(&format!(
+        "the receiver got, {:.1} s after the agent stopped (X-Brokkr-Signature: {}…):\n{}",
+        fired_after.as_secs_f64(),
+        &firing.headers["x-brokkr-signature"][..19],
+        serde_json::to_string_pretty(&body).unwrap_or_default()
+    ));
+    let firing_count = wait_for(PATIENCE, "AlertRule edge-down firing 1", || async {
+        let status = rules.get_opt("edge-down").await.ok().flatten()?.status?;
+        (status.firing_count == 1).then_some(status.firing_count)
+    })
+    .await?;
+    let metrics = fleet.replica_metrics(0).await.unwrap_or_default();
+    let offline_gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("brokkr_operator_agents{status=\"Offline\"}"))
+        .unwrap_or("brokkr_operator_agents{status=\"Offline\"} (missing)")
+        .to_owned();
+    if !offline_gauge.ends_with(" 1") {
+        return Err(BenchError::Setup(format!(
+            "the hub's /metrics should count one Offline agent: {offline_gauge}"
+        )));
+    }
+    n.show(&format!(
+        "$ kubectl get alertrule edge-down -n {DEMO_NAMESPACE}   (FIRING {firing_count})\nhub /metrics: {offline_gauge}"
+    ));
+
+    n.say(
+        "Starting prod-us again: it is Online, and the alert resolves with one more notification",
+    );
+    fleet.start_agent("prod-us", 1).await?;
+    let resolved = receiver.wait_for(2, PATIENCE).await?.remove(1);
+    let resolved_body = resolved.json();
+    if resolved_body["state"] != "resolved" || resolved_body["alertId"] != body["alertId"] {
+        return Err(BenchError::Setup(format!(
+            "expected the resolved notification of alert {}, got {resolved_body}",
+            body["alertId"]
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let count = receiver.deliveries().len();
+    if count != 2 {
+        return Err(BenchError::Setup(format!(
+            "expected exactly one firing and one resolved notification, the receiver got {count}"
+        )));
+    }
+    n.show(&format!(
+        "the receiver got the resolved notification: {}",
+        resolved_body["message"]
     ));
     Ok(())
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use brokkr_crds::{AlertRule, NotificationChannel};
 use brokkr_operator::render::render_manifests;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -164,6 +165,26 @@ async fn every_example_is_accepted_by_the_crds_with_strict_field_validation() {
     }
 }
 
+/// The example Agents a label selector (an AgentTarget's or AlertRule's `agentSelector`)
+/// matches, by name.
+fn agents_selected(what: &str, selector: &Value, agents: &[&Value]) -> Vec<String> {
+    let selector: LabelSelector = serde_json::from_value(selector.clone())
+        .unwrap_or_else(|e| panic!("{what}: agentSelector: {e}"));
+    let selector =
+        Selector::try_from(selector).unwrap_or_else(|e| panic!("{what}: agentSelector: {e}"));
+    agents
+        .iter()
+        .filter(|agent| {
+            let labels: BTreeMap<String, String> = agent
+                .pointer("/metadata/labels")
+                .map(|l| serde_json::from_value(l.clone()).expect("string labels"))
+                .unwrap_or_default();
+            selector.matches(&labels)
+        })
+        .map(|agent| text(agent, "/metadata/name").to_string())
+        .collect()
+}
+
 #[test]
 fn the_examples_refer_to_each_other_and_select_the_example_agents() {
     let examples = examples();
@@ -202,22 +223,10 @@ fn the_examples_refer_to_each_other_and_select_the_example_agents() {
                     exists("Stack", stack, namespace),
                     "{what}: Stack {stack} is not in {namespace}"
                 );
-                let mut selected: Vec<String> = Vec::new();
-                if let Some(selector) = doc.pointer("/spec/agentSelector") {
-                    let selector: LabelSelector = serde_json::from_value(selector.clone())
-                        .unwrap_or_else(|e| panic!("{what}: agentSelector: {e}"));
-                    let selector = Selector::try_from(selector)
-                        .unwrap_or_else(|e| panic!("{what}: agentSelector: {e}"));
-                    for agent in of_kind("Agent") {
-                        let labels: BTreeMap<String, String> = agent
-                            .pointer("/metadata/labels")
-                            .map(|l| serde_json::from_value(l.clone()).expect("string labels"))
-                            .unwrap_or_default();
-                        if selector.matches(&labels) {
-                            selected.push(text(agent, "/metadata/name").to_string());
-                        }
-                    }
-                }
+                let mut selected: Vec<String> = doc
+                    .pointer("/spec/agentSelector")
+                    .map(|selector| agents_selected(&what, selector, &of_kind("Agent")))
+                    .unwrap_or_default();
                 for name in doc
                     .pointer("/spec/agents")
                     .and_then(Value::as_array)
@@ -237,6 +246,72 @@ fn the_examples_refer_to_each_other_and_select_the_example_agents() {
                     selected.len() >= 2,
                     "{what} selects {selected:?}, not the example Agents"
                 );
+            }
+            "NotificationChannel" => {
+                let channel: NotificationChannel =
+                    serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+                channel
+                    .spec
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{what} is refused by the operator: {e}"));
+                let secret_refs = [
+                    channel.spec.webhook.as_ref().map(|w| &w.url_secret_ref),
+                    channel
+                        .spec
+                        .webhook
+                        .as_ref()
+                        .and_then(|w| w.signing_secret_ref.as_ref()),
+                    channel.spec.slack.as_ref().map(|s| &s.url_secret_ref),
+                ];
+                for secret_ref in secret_refs.into_iter().flatten() {
+                    let holds_key = of_kind("Secret").iter().any(|secret| {
+                        text(secret, "/metadata/name") == secret_ref.name
+                            && text(secret, "/metadata/namespace") == namespace
+                            && ["stringData", "data"].iter().any(|field| {
+                                secret
+                                    .get(field)
+                                    .and_then(|d| d.get(&secret_ref.key))
+                                    .is_some()
+                            })
+                    });
+                    assert!(
+                        holds_key,
+                        "{what}: no example Secret {} in {namespace} holds the key {}",
+                        secret_ref.name, secret_ref.key
+                    );
+                }
+            }
+            "AlertRule" => {
+                let rule: AlertRule =
+                    serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+                rule.spec
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{what} is refused by the operator: {e}"));
+                for channel in &rule.spec.channels {
+                    assert!(
+                        exists("NotificationChannel", channel, namespace),
+                        "{what}: NotificationChannel {channel} is not in {namespace}"
+                    );
+                }
+                if let Some(selector) = doc.pointer("/spec/agentSelector") {
+                    // Agent conditions watch only Agents that accept the rule's namespace.
+                    let watched: Vec<String> = agents_selected(&what, selector, &of_kind("Agent"))
+                        .into_iter()
+                        .filter(|name| {
+                            of_kind("Agent").iter().any(|agent| {
+                                text(agent, "/metadata/name") == name
+                                    && agent
+                                        .pointer("/spec/targetableFrom/namespaces")
+                                        .and_then(Value::as_array)
+                                        .is_some_and(|n| n.iter().any(|n| n == namespace))
+                            })
+                        })
+                        .collect();
+                    assert!(
+                        watched.len() >= 2,
+                        "{what} watches {watched:?}, not the example Agents (selected, and accepting {namespace})"
+                    );
+                }
             }
             _ => {}
         }
@@ -303,23 +378,26 @@ fn the_readme_applies_every_example_and_shows_the_crds_columns() {
     ] {
         assert!(readme.contains(needle), "the README shows `{needle}`");
     }
-    let stack = crds()
-        .into_iter()
-        .find(|crd| crd.spec.names.kind == "Stack")
-        .expect("a Stack CRD");
-    let mut columns = vec!["NAME".to_string()];
-    columns.extend(
-        stack.spec.versions[0]
-            .additional_printer_columns
-            .iter()
-            .flatten()
-            .map(|c| c.name.to_uppercase()),
-    );
-    let header = columns.join(" ");
-    assert!(
-        readme
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == header),
-        "the README's `kubectl get stacks` output has the CRD's columns: {header}"
-    );
+    for kind in ["Stack", "AlertRule", "NotificationChannel"] {
+        let crd = crds()
+            .into_iter()
+            .find(|crd| crd.spec.names.kind == kind)
+            .unwrap_or_else(|| panic!("a {kind} CRD"));
+        let mut columns = vec!["NAME".to_string()];
+        columns.extend(
+            crd.spec.versions[0]
+                .additional_printer_columns
+                .iter()
+                .flatten()
+                .map(|c| c.name.to_uppercase()),
+        );
+        let header = columns.join(" ");
+        assert!(
+            readme
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == header),
+            "the README's `kubectl get {}` output has the CRD's columns: {header}",
+            crd.spec.names.plural
+        );
+    }
 }

@@ -111,6 +111,13 @@ sql_migration!(
 );
 
 sql_migration!(Rollouts, "m20261130_000019_rollouts", "019_rollouts");
+sql_migration!(
+    AgentState,
+    "m20261130_000020_agent_state",
+    "020_agent_state"
+);
+
+sql_migration!(Alerts, "m20261130_000021_alerts", "021_alerts");
 
 /// All of Brokkr's migrations, oldest first.
 pub struct Migrator;
@@ -138,6 +145,8 @@ impl MigratorTrait for Migrator {
             Box::new(GeneratorAccessNotifications),
             Box::new(RevisionLineage),
             Box::new(Rollouts),
+            Box::new(AgentState),
+            Box::new(Alerts),
         ]
     }
 }

@@ -4,7 +4,9 @@ use brokkr_migrations::{Migrator, MigratorTrait};
 use brokkr_testdb::TestDb;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 15] = [
+    "alert_notifications",
+    "alerts",
     "api_keys",
     "rollout_assignments",
     "audit_log",
@@ -71,6 +73,12 @@ INSERT INTO rollout_assignments (agent_id, stack_id, deployment_object_id)
             '00000000-0000-7000-8000-000000000004');
 UPDATE stacks SET pinned_object_id = '00000000-0000-7000-8000-000000000004', progressive = TRUE;
 UPDATE stacks SET deleted_at = now();
+INSERT INTO alerts (id, rule_uid, rule_namespace, rule_name, condition, subject_kind, subject_uid,
+                    subject_name, severity, state, message, started_at)
+    VALUES ('00000000-0000-7000-8000-000000000005', gen_random_uuid(), 'ns', 'edge-down', 'AgentOffline',
+            'Agent', gen_random_uuid(), 'edge', 'critical', 'firing', 'Agent edge is Offline', now());
+INSERT INTO alert_notifications (id, alert_id, channel_namespace, channel_name, body)
+    VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000005', 'ns', 'ops', '{"state": "firing"}');
 INSERT INTO audit_log (actor, action, resource_kind, resource_namespace, resource_name, details)
     VALUES ('kubectl', 'DeploymentObjectRecorded', 'Stack', 'ns', 'app', '{"sequence": 1}');
 "#;
@@ -321,4 +329,64 @@ INSERT INTO api_keys (id, generator_id, prefix, key_hash, scopes, expires_at, re
     Migrator::up(db.conn(), Some(1))
         .await
         .expect("016 up again");
+}
+
+/// 020 lets an agent be `Error` with a reason and a start time; its down maps `Error` back
+/// to `Online` (heartbeats arrive) and drops both columns.
+#[tokio::test]
+async fn agents_may_be_in_error_with_a_reason_and_back() {
+    let db = TestDb::empty().await;
+    let before_020 = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261130_000020_agent_state")
+        .map(|n| u32::try_from(n).unwrap())
+        .expect("020 is listed");
+    Migrator::up(db.conn(), Some(before_020))
+        .await
+        .expect("up to 019");
+    db.conn()
+        .execute_unprepared(
+            "INSERT INTO agents (id, name, cluster_name, status, last_heartbeat) \
+             VALUES ('00000000-0000-7000-8000-000000000003', 'edge', 'eu', 'Online', now())",
+        )
+        .await
+        .expect("an online agent");
+    Migrator::up(db.conn(), Some(1)).await.expect("020 up");
+    db.conn()
+        .execute_unprepared(
+            "UPDATE agents SET status = 'Error', state_message = 'spoke API server unreachable', \
+             state_since = now()",
+        )
+        .await
+        .expect("an agent in Error");
+    assert_eq!(
+        one_value(
+            &db,
+            "SELECT status || ': ' || state_message AS v FROM agents"
+        )
+        .await
+        .as_deref(),
+        Some("Error: spoke API server unreachable")
+    );
+
+    Migrator::down(db.conn(), Some(1)).await.expect("020 down");
+    assert_eq!(
+        one_value(&db, "SELECT status AS v FROM agents")
+            .await
+            .as_deref(),
+        Some("Online")
+    );
+    assert_eq!(
+        one_value(
+            &db,
+            "SELECT string_agg(column_name::text, ',') AS v FROM information_schema.columns \
+             WHERE table_name = 'agents' AND column_name IN ('state_message', 'state_since')"
+        )
+        .await,
+        None,
+        "the columns are gone"
+    );
+    Migrator::up(db.conn(), Some(1))
+        .await
+        .expect("020 up again");
 }

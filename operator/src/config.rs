@@ -121,6 +121,11 @@ pub struct RunArgs {
     #[arg(long, global = true, env = "BROKKR_AUDIT_RETENTION", default_value = "90d", value_parser = parse_interval)]
     pub audit_retention: Duration,
 
+    /// How often the leader evaluates AlertRules; an alert fires at most this long after
+    /// its condition has held for its `for`
+    #[arg(long, global = true, env = "BROKKR_ALERT_EVALUATION_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub alert_evaluation_interval: Duration,
+
     /// How often Stack and AgentTarget status is refreshed from the database
     #[arg(long, global = true, env = "BROKKR_STATUS_REFRESH", default_value = "30s", value_parser = parse_interval)]
     pub status_refresh: Duration,

@@ -5,6 +5,7 @@ pub mod agent_events;
 pub mod agent_labels;
 pub mod agent_targets;
 pub mod agents;
+pub mod alerts;
 pub mod api_keys;
 pub mod deployment_objects;
 pub mod generators;

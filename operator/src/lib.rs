@@ -1,6 +1,7 @@
 //! Brokkr's hub: the database entities and store, the controllers that mirror custom
 //! resources into it, the agent API, and the status mirror.
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod config;

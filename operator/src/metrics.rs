@@ -35,6 +35,8 @@ pub struct Metrics {
     pub feed: FeedMetrics,
     /// Large shrinks of a stack's target set recomputed from the API server first.
     pub target_shrinks_confirmed: Counter,
+    /// The fleet as the leader sees it, and alerting.
+    pub fleet: FleetMetrics,
 }
 
 impl Default for Metrics {
@@ -70,6 +72,7 @@ impl Default for Metrics {
         );
         let api = ApiMetrics::register(&mut registry);
         let feed = FeedMetrics::register(&mut registry);
+        let fleet = FleetMetrics::register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             reconciles,
@@ -79,6 +82,7 @@ impl Default for Metrics {
             api,
             feed,
             target_shrinks_confirmed,
+            fleet,
         }
     }
 }
@@ -124,6 +128,70 @@ impl ReconcileTimer {
             .reconcile_seconds
             .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentStatusLabels {
+    /// The Agent's `status.phase`.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StackConditionLabels {
+    pub condition: &'static str,
+    /// `True`, `False` or `Unknown` (no such condition yet).
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertRuleLabels {
+    pub namespace: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `delivered`, `failed` (retried) or `abandoned` (the retry window passed).
+    pub result: &'static str,
+    /// `webhook` or `slack`.
+    pub channel_type: &'static str,
+}
+
+/// The fleet as the leader sees it (agents by status, stacks by condition, alerts firing)
+/// and notification deliveries. Only the leader sets them; other replicas show zeros.
+#[derive(Clone, Default)]
+pub struct FleetMetrics {
+    pub agents: Family<AgentStatusLabels, Gauge>,
+    pub stacks: Family<StackConditionLabels, Gauge>,
+    pub alerts_firing: Family<AlertRuleLabels, Gauge>,
+    pub notification_deliveries: Family<DeliveryLabels, Counter>,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry) -> FleetMetrics {
+        let fleet = FleetMetrics::default();
+        registry.register(
+            "agents",
+            "Agents by status.phase (Pending, Online, Offline, Error, Suspended)",
+            fleet.agents.clone(),
+        );
+        registry.register(
+            "stacks",
+            "Stacks by condition (Ready, Degraded, Applied, RolloutHalted) and its status",
+            fleet.stacks.clone(),
+        );
+        registry.register(
+            "alerts_firing",
+            "Alerts firing now, by AlertRule",
+            fleet.alerts_firing.clone(),
+        );
+        registry.register(
+            "notification_deliveries",
+            "Attempts to deliver alert notifications to channels, by result",
+            fleet.notification_deliveries.clone(),
+        );
+        fleet
     }
 }
 

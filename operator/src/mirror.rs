@@ -123,8 +123,9 @@ async fn listen_once(database_url: &str, triggers: &Triggers) -> Result<(), sea_
     }
 }
 
-/// Every `interval`, marks agents silent for three intervals `Offline`; the status
-/// change notifies [`listen`], which refreshes their Agent resources.
+/// Every `interval`, marks agents silent for three intervals `Offline`, also those that
+/// last reported `Error`; the status change notifies [`listen`], which refreshes their
+/// Agent resources.
 pub async fn sweep_offline(store: Store, interval: Duration, triggers: Triggers) {
     let mut ticker = tokio::time::interval(interval);
     loop {

@@ -142,6 +142,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         agent_selector: args.agent_selector.clone(),
         heartbeat_interval: args.heartbeat_interval,
         database_url: Some(database_url),
+        alerting: crate::alerts::AlertingConfig {
+            evaluate_every: args.alert_evaluation_interval,
+            ..crate::alerts::AlertingConfig::default()
+        },
     };
     let lease = LeaseConfig {
         name: args.lease_name.clone(),

@@ -414,7 +414,14 @@ macro_rules! conditioned_status {
     };
 }
 
-conditioned_status!(AgentStatus, AgentTargetStatus, GeneratorStatus, StackStatus);
+conditioned_status!(
+    AgentStatus,
+    AgentTargetStatus,
+    GeneratorStatus,
+    StackStatus,
+    brokkr_crds::AlertRuleStatus,
+    brokkr_crds::NotificationChannelStatus
+);
 
 /// Whether `new` differs from `old` in anything but condition timestamps: when it does
 /// not, the status patch is skipped, so that a resync never loops on its own writes.

@@ -1134,6 +1134,15 @@ async fn heartbeat_marks_the_agent_online_with_its_version() {
     ));
 }
 
+/// A heartbeat of an agent that works, at `version`.
+fn ready(version: &str) -> brokkr_operator::store::HeartbeatReport {
+    brokkr_operator::store::HeartbeatReport {
+        version: version.to_owned(),
+        state: "Ready".to_owned(),
+        message: None,
+    }
+}
+
 #[tokio::test]
 async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
     let f = Fixture::new().await;
@@ -1146,9 +1155,9 @@ async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
     let updated = f
         .store
         .record_heartbeats(&[
-            (edge1, "1.0.0".to_owned()),
-            (edge2, "1.1.0".to_owned()),
-            (gone, "1.0.0".to_owned()),
+            (edge1, ready("1.0.0")),
+            (edge2, ready("1.1.0")),
+            (gone, ready("1.0.0")),
         ])
         .await
         .unwrap();
@@ -1162,7 +1171,9 @@ async fn batched_heartbeats_mark_live_agents_online_and_skip_deleted_ones() {
     let row = f.store.find_agent(gone).await.unwrap().unwrap();
     assert!(row.last_heartbeat.is_none());
     assert!(matches!(
-        f.store.record_heartbeats(&[(edge1, "v".repeat(65))]).await,
+        f.store
+            .record_heartbeats(&[(edge1, ready(&"v".repeat(65)))])
+            .await,
         Err(StoreError::TooLong { .. })
     ));
 }

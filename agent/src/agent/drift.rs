@@ -4,13 +4,16 @@
 //! ([`SpokeScope::watch_namespaces`]) — and the debounced sync of stacks whose
 //! objects were changed or deleted. The sync itself finds the drift (it reads every live
 //! object anyway) and corrects it, or with `driftPolicy: Detect` only compares; either way
-//! each drift episode is reported as a `Drift` event ([`drift_message`]).
+//! each drift episode is reported as a `Drift` event ([`drift_message`]). A watch RBAC
+//! refuses makes the agent report `Error` ([`refusal_message`]) until the API server lets
+//! it watch again (asked every [`REFUSED_RECHECK`]) or the watch is no longer needed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, WatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
@@ -25,6 +28,9 @@ use super::sync::StackState;
 use crate::apply::{AppliedObject, KindKey, Resolved};
 use crate::manifest::{self, ObjectKey};
 use crate::scope::SpokeScope;
+
+/// How often a watch RBAC refuses is tried again.
+const REFUSED_RECHECK: Duration = Duration::from_secs(10);
 
 /// One drift watch: a kind, in one namespace or (`None`) across the cluster.
 pub(super) type WatchKey = (KindKey, Option<String>);
@@ -128,6 +134,8 @@ pub(super) struct Drift {
     /// Stacks whose health to re-evaluate when the debounce ends.
     pub(super) health_due: BTreeSet<Uuid>,
     pub(super) debounce_until: Option<Instant>,
+    /// Watches RBAC refuses, with the heartbeat's reason, until they list again.
+    pub(super) refused: BTreeMap<WatchKey, String>,
 }
 
 impl Drift {
@@ -141,6 +149,7 @@ impl Drift {
                 drifted: BTreeSet::new(),
                 health_due: BTreeSet::new(),
                 debounce_until: None,
+                refused: BTreeMap::new(),
             },
             sightings_rx,
         )
@@ -164,6 +173,47 @@ pub(super) enum Sighting {
         namespace: Option<String>,
         keys: BTreeSet<ObjectKey>,
     },
+    /// The API server refuses the watch (403): the agent cannot see drift there.
+    Refused {
+        watch: WatchKey,
+        reason: String,
+    },
+    /// A refused watch works again.
+    Allowed {
+        watch: WatchKey,
+    },
+}
+
+/// The API server's 403 behind a watch error, if that is what it is.
+fn forbidden(err: &watcher::Error) -> Option<&kube::core::Status> {
+    let status = match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status))
+        | watcher::Error::WatchError(status) => status,
+        _ => return None,
+    };
+    status.is_forbidden().then_some(&**status)
+}
+
+/// The heartbeat's reason for a refused watch: the resource, where, and the API server's
+/// message (which names the user and the verb, never an object's content).
+pub(super) fn refusal_message(
+    resolved: &Resolved,
+    namespace: Option<&str>,
+    server_message: &str,
+) -> String {
+    let resource = &resolved.resource;
+    let resource = if resource.group.is_empty() {
+        resource.plural.clone()
+    } else {
+        format!("{}.{}", resource.plural, resource.group)
+    };
+    let place = match namespace {
+        Some(namespace) => format!("in namespace {namespace}"),
+        None => "across the cluster".to_owned(),
+    };
+    format!("RBAC refuses watching {resource} {place}: {server_message}")
 }
 
 /// Watches one kind (in one namespace, or across the cluster) for objects labelled with this
@@ -179,41 +229,89 @@ pub(super) async fn watch_kind(
         Some(ns) => Api::namespaced_with(client, ns, &resolved.resource),
         None => Api::all_with(client, &resolved.resource),
     };
-    let stream =
-        watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut listing: BTreeSet<ObjectKey> = BTreeSet::new();
-    while let Some(event) = stream.next().await {
-        let sighting = match event {
-            Ok(Event::Apply(object)) | Ok(Event::InitApply(object)) => {
-                let key = resolved.key_of(&object);
-                listing.insert(key.clone());
-                match serde_json::to_value(&object) {
-                    Ok(live) => Sighting::Changed { key, live },
-                    Err(_) => continue,
+    let watch: WatchKey = (resolved.kind_key(), namespace.clone());
+    let place = namespace.as_deref().unwrap_or("*");
+    // Each round is one watcher; a new one starts when a refused watch is allowed again.
+    loop {
+        let stream = watcher::watcher(api.clone(), watcher::Config::default().labels(&selector))
+            .default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut refused = false;
+        let mut recheck = tokio::time::interval(REFUSED_RECHECK);
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                // A watcher that starts watching after a refusal says nothing until an object
+                // changes: ask the API server directly whether it still refuses.
+                _ = recheck.tick(), if refused => {
+                    if !watch_allowed(&api, &selector).await {
+                        continue;
+                    }
+                    tracing::info!(kind = %resolved.resource.kind, namespace = place, "the drift watch is allowed again");
+                    if sightings.send(Sighting::Allowed { watch: watch.clone() }).is_err() {
+                        return;
+                    }
+                    // Start over now rather than after the watcher's backoff.
+                    break;
                 }
+            };
+            let sighting = match event {
+                Ok(Event::Apply(object)) | Ok(Event::InitApply(object)) => {
+                    let key = resolved.key_of(&object);
+                    listing.insert(key.clone());
+                    match serde_json::to_value(&object) {
+                        Ok(live) => Sighting::Changed { key, live },
+                        Err(_) => continue,
+                    }
+                }
+                Ok(Event::Delete(object)) => Sighting::Deleted {
+                    key: resolved.key_of(&object),
+                },
+                Ok(Event::Init) => {
+                    listing.clear();
+                    continue;
+                }
+                Ok(Event::InitDone) => Sighting::Listed {
+                    kind: resolved.kind_key(),
+                    namespace: namespace.clone(),
+                    keys: std::mem::take(&mut listing),
+                },
+                Err(err) => match forbidden(&err) {
+                    // Once per episode; the watcher keeps retrying with its backoff.
+                    Some(status) if !refused => {
+                        refused = true;
+                        recheck.reset();
+                        let reason =
+                            refusal_message(&resolved, namespace.as_deref(), &status.message);
+                        tracing::warn!(%reason, "RBAC refuses a drift watch: drift there goes unseen");
+                        Sighting::Refused {
+                            watch: watch.clone(),
+                            reason,
+                        }
+                    }
+                    _ => {
+                        tracing::debug!(kind = %resolved.resource.kind, namespace = place, error = %err, "watch interrupted");
+                        continue;
+                    }
+                },
+            };
+            if sightings.send(sighting).is_err() {
+                return;
             }
-            Ok(Event::Delete(object)) => Sighting::Deleted {
-                key: resolved.key_of(&object),
-            },
-            Ok(Event::Init) => {
-                listing.clear();
-                continue;
-            }
-            Ok(Event::InitDone) => Sighting::Listed {
-                kind: resolved.kind_key(),
-                namespace: namespace.clone(),
-                keys: std::mem::take(&mut listing),
-            },
-            Err(err) => {
-                tracing::debug!(kind = %resolved.resource.kind, namespace = namespace.as_deref().unwrap_or("*"), error = %err, "watch interrupted");
-                continue;
-            }
-        };
-        if sightings.send(sighting).is_err() {
-            return;
         }
     }
+}
+
+/// Whether the API server lets the agent start this watch now: a watch request, dropped as
+/// soon as it is answered.
+async fn watch_allowed(api: &Api<DynamicObject>, selector: &str) -> bool {
+    let params = WatchParams::default().labels(selector).timeout(1);
+    let started = tokio::time::timeout(super::state::PROBE_TIMEOUT, api.watch(&params, "0")).await;
+    matches!(started, Ok(Ok(_)))
 }
 
 /// The watches the applied objects need: per kind, one cluster-wide or one per namespace the
@@ -296,6 +394,15 @@ impl Worker {
                     }
                 }
             }
+            // Only while the watch is wanted: a stopped one's last word does not count.
+            Sighting::Refused { watch, reason } => {
+                if self.drift.watchers.contains_key(&watch) {
+                    self.drift.refused.insert(watch, reason);
+                }
+            }
+            Sighting::Allowed { watch } => {
+                self.drift.refused.remove(&watch);
+            }
         }
         if touched.is_empty() {
             return;
@@ -335,6 +442,10 @@ impl Worker {
             }
             keep
         });
+        let watchers = &self.drift.watchers;
+        self.drift
+            .refused
+            .retain(|watch, _| watchers.contains_key(watch));
         let selector = manifest::agent_selector(&self.config.agent_name);
         for (watch, resolved) in needed {
             if self.drift.watchers.contains_key(&watch) {
@@ -475,6 +586,34 @@ mod tests {
             ],
             "one watch per namespace used, none cluster-wide"
         );
+    }
+
+    #[test]
+    fn a_refused_watch_names_the_resource_and_where() {
+        let gvk = kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment");
+        let deployments = Resolved {
+            resource: kube::api::ApiResource::from_gvk(&gvk),
+            namespaced: true,
+        };
+        assert_eq!(
+            refusal_message(&deployments, Some("shop"), "deployments.apps is forbidden"),
+            "RBAC refuses watching deployments.apps in namespace shop: deployments.apps is forbidden"
+        );
+        let config_maps = applied("ConfigMap", true).resource;
+        assert_eq!(
+            refusal_message(&config_maps, None, "forbidden"),
+            "RBAC refuses watching configmaps across the cluster: forbidden"
+        );
+        let status =
+            |code| Box::new(kube::core::Status::failure("no", "Forbidden").with_code(code));
+        assert!(
+            forbidden(&watcher::Error::InitialListFailed(kube::Error::Api(
+                status(403)
+            )))
+            .is_some()
+        );
+        assert!(forbidden(&watcher::Error::WatchError(status(403))).is_some());
+        assert!(forbidden(&watcher::Error::NoResourceVersion).is_none());
     }
 
     #[test]

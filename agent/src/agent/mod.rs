@@ -1,6 +1,7 @@
 //! The agent's loops: the long-poll of the desired state and the heartbeat (`poll`), the
 //! per-stack sync (`sync`), removal of what an inventory lists (`removal`), the drift
-//! watch (`drift`), health re-evaluation (`health`) and the periodic resync.
+//! watch (`drift`), health re-evaluation (`health`) and the periodic resync; what the
+//! heartbeat says of the agent itself (`state`).
 //!
 //! One worker task owns all per-stack state and handles one thing at a time: a new desired
 //! state, a due retry, a debounced batch of watch events, the resync tick or the health tick.
@@ -11,6 +12,7 @@ mod drift;
 mod health;
 mod poll;
 mod removal;
+mod state;
 mod sync;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use brokkr_crds::wire::{DesiredState, Heartbeat, StackSummary};
+use brokkr_crds::wire::{DesiredState, STATE_READY, StackSummary};
 use kube::Client;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -28,6 +30,7 @@ use uuid::Uuid;
 
 use self::drift::{Drift, Sighting};
 use self::removal::Removal;
+use self::state::Published;
 use self::sync::StackState;
 use crate::apply::Applier;
 use crate::config::Config;
@@ -133,11 +136,7 @@ pub async fn start(config: Config, client: Client) -> Result<AgentHandle, AgentE
         config.hub_ca_pem.as_deref(),
     )?;
     let reporter = Reporter::new();
-    let status = Arc::new(Mutex::new(Heartbeat {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        state: "Starting".to_owned(),
-        stacks: Vec::new(),
-    }));
+    let status = Arc::new(Mutex::new(Published::default()));
     let (desired_tx, desired_rx) = watch::channel(None);
 
     tracing::info!(
@@ -167,6 +166,7 @@ pub async fn start(config: Config, client: Client) -> Result<AgentHandle, AgentE
     ));
     tasks.spawn(poll::send_heartbeats(
         hub.clone(),
+        client.clone(),
         config.heartbeat_interval,
         status.clone(),
         metrics.clone(),
@@ -216,7 +216,7 @@ struct Worker {
     applier: Applier,
     reporter: Reporter,
     metrics: Arc<Metrics>,
-    status: Arc<Mutex<Heartbeat>>,
+    status: Arc<Mutex<Published>>,
     desired: Option<DesiredState>,
     stacks: BTreeMap<Uuid, StackState>,
     removals: BTreeMap<Uuid, Removal>,
@@ -225,6 +225,8 @@ struct Worker {
     inventories: BTreeMap<Uuid, Inventory>,
     /// The inventories were read from the cluster (once, before anything is applied).
     inventories_loaded: bool,
+    /// Why the last attempt to read the inventories failed, until one succeeds.
+    inventories_unreadable: Option<String>,
     /// A periodic resync is running.
     resyncing: bool,
     drift: Drift,
@@ -257,7 +259,7 @@ impl Worker {
         client: Client,
         reporter: Reporter,
         metrics: Arc<Metrics>,
-        status: Arc<Mutex<Heartbeat>>,
+        status: Arc<Mutex<Published>>,
     ) -> (Worker, mpsc::UnboundedReceiver<Sighting>) {
         let (drift, sightings_rx) = Drift::new();
         let namespace = config
@@ -280,6 +282,7 @@ impl Worker {
                 inventory_store,
                 inventories: BTreeMap::new(),
                 inventories_loaded: false,
+                inventories_unreadable: None,
                 resyncing: false,
                 drift,
             },
@@ -311,7 +314,14 @@ impl Worker {
                 () = sleep_until(debounce_until) => self.on_debounce().await,
                 () = sleep_until(retry_at) => self.retry_due().await,
                 _ = resync.tick() => self.resync().await,
-                _ = health.tick() => self.evaluate_all_health().await,
+                _ = health.tick() => {
+                    // Unreadable inventories are tried again here too, so that an agent
+                    // with nothing to retry leaves `Error` soon after the cause is gone.
+                    if self.inventories_unreadable.is_some() {
+                        self.retry_due().await;
+                    }
+                    self.evaluate_all_health().await
+                }
             }
             self.publish_status();
         }
@@ -334,10 +344,12 @@ impl Worker {
                 tracing::info!(stacks = inventories.len(), "read the inventories");
                 self.inventories = inventories;
                 self.inventories_loaded = true;
+                self.inventories_unreadable = None;
                 true
             }
             Err(message) => {
                 tracing::warn!(%message, "failed to read the inventories; will retry");
+                self.inventories_unreadable = Some(message);
                 false
             }
         }
@@ -463,10 +475,10 @@ impl Worker {
 
     /// Refreshes what the heartbeat reports.
     fn publish_status(&self) {
-        let state = if self.desired.is_none() {
+        let activity = if self.desired.is_none() {
             "Starting"
         } else if self.stacks.values().all(StackState::is_settled) && self.removals.is_empty() {
-            "Ready"
+            STATE_READY
         } else if self.stacks.values().any(|s| s.failed > 0) {
             "Degraded"
         } else {
@@ -492,8 +504,16 @@ impl Worker {
         self.metrics
             .drifted_objects
             .set(i64::try_from(drifted).unwrap_or(i64::MAX));
-        let mut status = lock(&self.status);
-        status.state = state.to_owned();
-        status.stacks = stacks;
+        let problems = self
+            .inventories_unreadable
+            .iter()
+            .chain(self.drift.refused.values())
+            .cloned()
+            .collect();
+        *lock(&self.status) = Published {
+            activity,
+            stacks,
+            problems,
+        };
     }
 }

@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brokkr_common::error_sources;
-use brokkr_crds::wire::{DesiredState, Heartbeat};
+use brokkr_crds::wire::DesiredState;
+use kube::Client;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::lock;
+use super::state::{Published, probe_api_server};
 use crate::config::Config;
 use crate::hub::{Endpoint, HubClient};
 use crate::metrics::Metrics;
@@ -77,15 +79,31 @@ pub(super) async fn poll_desired(
     }
 }
 
+/// The heartbeat: every `interval` (or the hub's shorter one), probes the spoke API server
+/// (at most [`super::state::PROBE_TIMEOUT`]) and sends what the worker published, as
+/// `Error` with the reason when the agent cannot do its job.
 pub(super) async fn send_heartbeats(
     hub: HubClient,
+    client: Client,
     interval: Duration,
-    status: Arc<Mutex<Heartbeat>>,
+    status: Arc<Mutex<Published>>,
     metrics: Arc<Metrics>,
 ) -> &'static str {
     let mut period = interval;
+    let mut reported: Option<String> = None;
     loop {
-        let heartbeat = lock(&status).clone();
+        let started = Instant::now();
+        let unreachable = probe_api_server(&client).await;
+        let heartbeat = lock(&status).heartbeat(unreachable.as_deref());
+        if heartbeat.message != reported {
+            match &heartbeat.message {
+                Some(reason) => {
+                    tracing::warn!(%reason, "the agent cannot do its job on the spoke: reporting Error")
+                }
+                None => tracing::info!(state = %heartbeat.state, "the agent's Error cleared"),
+            }
+            reported = heartbeat.message.clone();
+        }
         match hub.heartbeat(&heartbeat).await {
             Ok(ack) => {
                 // Never slower than the hub expects.
@@ -102,6 +120,6 @@ pub(super) async fn send_heartbeats(
                 }
             }
         }
-        tokio::time::sleep(period).await;
+        tokio::time::sleep_until(started + period).await;
     }
 }

@@ -335,6 +335,7 @@ async fn heartbeats(
     let beat = Heartbeat {
         version: "bench".to_owned(),
         state: "Ready".to_owned(),
+        message: None,
         stacks: vec![StackSummary {
             stack_id: Uuid::nil(),
             deployment_object_id: Uuid::nil(),

@@ -69,13 +69,8 @@ impl CallingGenerator {
 /// `brokkr.io/generator/<name>`, cut to what Kubernetes accepts.
 pub fn field_manager(generator: &str) -> String {
     let mut manager = format!("brokkr.io/generator/{generator}");
-    if manager.len() > MAX_FIELD_MANAGER_LEN {
-        let mut end = MAX_FIELD_MANAGER_LEN;
-        while !manager.is_char_boundary(end) {
-            end -= 1;
-        }
-        manager.truncate(end);
-    }
+    let end = brokkr_common::truncate_bytes(&manager, MAX_FIELD_MANAGER_LEN).len();
+    manager.truncate(end);
     manager
 }
 

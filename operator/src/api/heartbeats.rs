@@ -13,14 +13,14 @@ use uuid::Uuid;
 
 use super::lock;
 use crate::controllers::error_chain;
-use crate::store::Store;
+use crate::store::{HeartbeatReport, Store};
 
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-/// Heartbeats not written yet: the latest version per agent.
+/// Heartbeats not written yet: the latest version, state and message per agent.
 #[derive(Default)]
 pub struct Heartbeats {
-    pending: Mutex<HashMap<Uuid, String>>,
+    pending: Mutex<HashMap<Uuid, HeartbeatReport>>,
     flusher: OnceLock<()>,
     /// Heartbeats PostgreSQL refused, dropped rather than retried forever.
     pub dropped: Counter,
@@ -37,18 +37,18 @@ impl Heartbeats {
 
     /// Buffers a heartbeat; the first one starts the writer, which ends when the API
     /// that owns `self` is dropped.
-    pub fn record(self: &Arc<Self>, store: &Store, agent_id: Uuid, version: String) {
-        lock(&self.pending).insert(agent_id, version);
+    pub fn record(self: &Arc<Self>, store: &Store, agent_id: Uuid, beat: HeartbeatReport) {
+        lock(&self.pending).insert(agent_id, beat);
         self.flusher.get_or_init(|| {
             tokio::spawn(flush_until_dropped(Arc::downgrade(self), store.clone()));
         });
     }
 
     /// Puts back heartbeats that could not be written; a newer one of the same agent wins.
-    fn requeue(&self, beats: Vec<(Uuid, String)>) {
+    fn requeue(&self, beats: Vec<(Uuid, HeartbeatReport)>) {
         let mut pending = lock(&self.pending);
-        for (agent_id, version) in beats {
-            pending.entry(agent_id).or_insert(version);
+        for (agent_id, beat) in beats {
+            pending.entry(agent_id).or_insert(beat);
         }
     }
 }
@@ -59,7 +59,7 @@ async fn flush_until_dropped(heartbeats: Weak<Heartbeats>, store: Store) {
         let Some(heartbeats) = heartbeats.upgrade() else {
             return;
         };
-        let batch: Vec<(Uuid, String)> = lock(&heartbeats.pending).drain().collect();
+        let batch: Vec<(Uuid, HeartbeatReport)> = lock(&heartbeats.pending).drain().collect();
         if !batch.is_empty() {
             flush(&heartbeats, &store, batch).await;
         }
@@ -70,7 +70,7 @@ async fn flush_until_dropped(heartbeats: Weak<Heartbeats>, store: Store) {
 /// halving (a few statements, not one per agent) and dropped, so one agent can never
 /// stop every other agent's heartbeats; when the database is unreachable, everything
 /// is kept for the next flush.
-async fn flush(heartbeats: &Heartbeats, store: &Store, batch: Vec<(Uuid, String)>) {
+async fn flush(heartbeats: &Heartbeats, store: &Store, batch: Vec<(Uuid, HeartbeatReport)>) {
     let mut parts = vec![batch];
     while let Some(part) = parts.pop() {
         let Err(err) = store.record_heartbeats(&part).await else {
@@ -123,25 +123,46 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            batch.push((agent.id, format!("1.{n}.0")));
+            // Every third agent reports it cannot work.
+            let (state, message) = if n % 3 == 0 {
+                ("Error", Some(format!("spoke API server unreachable ({n})")))
+            } else {
+                ("Ready", None)
+            };
+            batch.push((
+                agent.id,
+                HeartbeatReport {
+                    version: format!("1.{n}.0"),
+                    state: state.to_owned(),
+                    message,
+                },
+            ));
             ids.push(agent.id);
         }
-        // The API refuses this; PostgreSQL refuses it too (a NUL in jsonb), which
-        // used to fail every batch it was part of, every second, for good.
-        let poisoned = batch[4].0;
-        batch[4].1 = "1.4.0\0".to_owned();
+        // The API refuses these; PostgreSQL refuses them too (a NUL in jsonb), which
+        // used to fail every batch they were part of, every second, for good.
+        let poisoned = [batch[4].0, batch[6].0];
+        batch[4].1.version = "1.4.0\0".to_owned();
+        batch[6].1.message = Some("unreachable\0".to_owned());
         let heartbeats = Heartbeats::default();
 
         flush(&heartbeats, &store, batch).await;
 
-        assert_eq!(heartbeats.dropped.get(), 1);
+        assert_eq!(heartbeats.dropped.get(), 2);
         assert!(lock(&heartbeats.pending).is_empty());
         for (n, id) in ids.into_iter().enumerate() {
             let row = store.find_agent(id).await.unwrap().unwrap();
-            if row.id == poisoned {
+            if poisoned.contains(&row.id) {
                 assert!(row.last_heartbeat.is_none());
+            } else if n % 3 == 0 {
+                assert_eq!(row.status, "Error");
+                assert_eq!(
+                    row.state_message.as_deref(),
+                    Some(&*format!("spoke API server unreachable ({n})"))
+                );
             } else {
                 assert_eq!(row.status, "Online");
+                assert_eq!(row.state_message, None);
                 assert_eq!(row.agent_version.as_deref(), Some(&*format!("1.{n}.0")));
             }
         }

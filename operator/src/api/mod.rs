@@ -395,9 +395,7 @@ async fn heartbeat(
     beat.validate()
         .map_err(|err| ApiError::Unprocessable(err.to_string()))?;
     check_agent_version(&beat.version)?;
-    state
-        .heartbeats
-        .record(&state.store, agent.id, beat.version);
+    state.heartbeats.record(&state.store, agent.id, beat.into());
     let key = match (
         crate::status::to_time(agent.key.issued_at),
         crate::status::to_time(agent.key.expires_at),

@@ -140,9 +140,9 @@ fn openapi() -> Value {
                 ])
             }},
             "/api/v1/agent/heartbeat": {"post": {
-                "summary": "Tell the hub this agent is alive",
+                "summary": "Tell the hub this agent is alive, and whether it can work: `state: \"Error\"` with a `message` puts the Agent in phase `Error` (`Healthy=False`, reason `AgentError`) until a heartbeat in another state",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Heartbeat"}}}},
-                "responses": responses(("recorded", "HeartbeatAck"), &[("415", "the body is not JSON"), ("422", "invalid heartbeat")])
+                "responses": responses(("recorded", "HeartbeatAck"), &[("415", "the body is not JSON"), ("422", "invalid heartbeat: a NUL character, a version over 64 characters, or a message over 4,096 bytes")])
             }},
             "/api/v1/agent/key": {"post": {
                 "summary": "Renew this agent's key: a new key valid for the Agent's `keyPolicy.lifetime`, also written to the hub's Secret `brokkr-agent-<name>`; the key the request was sent with stays valid for `keyPolicy.overlap`, then is refused with `key_revoked`. Agents call it once 2/3 of their key's lifetime has passed (see `HeartbeatAck.key`)",

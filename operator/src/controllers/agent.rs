@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
+use brokkr_crds::conditions::{find_condition, new_condition, reasons, set_condition, types};
 use brokkr_crds::validation::check_labels;
 use brokkr_crds::{Agent, AgentPhase, AgentStatus, REVOKE_KEY_ANNOTATION, SecretRef};
 use k8s_openapi::api::core::v1::Secret;
@@ -18,6 +18,7 @@ use super::{
     Context, Error, Result, label_strings, publish, resource_uid, spec_field_manager,
     with_finalizer, write_status,
 };
+use crate::entity::agents;
 use crate::status::{now, to_time};
 use crate::store::audit::{AuditEntry, AuditResource, actions};
 use crate::store::{AgentSync, KeyOwner, StoreError};
@@ -40,7 +41,8 @@ pub fn secret_name(agent: &Agent) -> String {
     agent_secret_name(&agent.name_any())
 }
 
-/// Heartbeat times are refreshed this often; Online/Offline flips come at once, and
+/// Heartbeat times are refreshed this often; Online/Error/Offline flips (and a new reason of
+/// an Error) come at once, and
 /// `KeyExpiring` flips on time.
 const REFRESH: Duration = Duration::from_secs(60);
 
@@ -134,15 +136,8 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
     });
     status.version = row.agent_version.clone();
     status.last_heartbeat = row.last_heartbeat.and_then(to_time);
-    status.phase = Some(if agent.spec.suspend {
-        AgentPhase::Suspended
-    } else {
-        match row.status.as_str() {
-            "Online" => AgentPhase::Online,
-            "Offline" => AgentPhase::Offline,
-            _ => AgentPhase::Pending,
-        }
-    });
+    let presence = presence(agent.spec.suspend, &row);
+    status.phase = Some(presence.phase);
     let ready = if agent.spec.suspend {
         new_condition(
             types::READY,
@@ -166,33 +161,125 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
         )
     };
     set_condition(&mut status.conditions, ready);
-    let online = match status.phase {
-        Some(AgentPhase::Online) => (true, reasons::HEARTBEAT, "heartbeats arrive on time"),
-        Some(AgentPhase::Offline) => (
-            false,
-            reasons::HEARTBEAT_MISSED,
-            "missed three heartbeats; what it applied stays as it was",
-        ),
-        _ if row.last_heartbeat.is_none() => (
-            false,
-            reasons::NEVER_CONNECTED,
-            "no heartbeat yet: install brokkr-agent in the spoke with this agent's key",
-        ),
-        _ => (false, reasons::SUSPENDED, "suspended"),
-    };
-    set_condition(
-        &mut status.conditions,
-        new_condition(
-            types::ONLINE,
-            online.0,
-            online.1,
-            online.2,
-            agent.metadata.generation,
-            now(),
-        ),
-    );
+    for (type_, (holds, reason, message)) in [
+        (types::ONLINE, presence.online),
+        (types::HEALTHY, presence.healthy),
+    ] {
+        set_condition(
+            &mut status.conditions,
+            new_condition(
+                type_,
+                holds,
+                reason,
+                message,
+                agent.metadata.generation,
+                now(),
+            ),
+        );
+    }
+    let was_error = find_condition(&previous.conditions, types::HEALTHY)
+        .is_some_and(|c| c.reason == reasons::AGENT_ERROR);
+    if presence.phase == AgentPhase::Error && !was_error {
+        publish(
+            ctx,
+            &agent.object_ref(&()),
+            EventType::Warning,
+            reasons::AGENT_ERROR,
+            "Heartbeat",
+            event_note(row.state_message.as_deref().unwrap_or(NO_REASON)),
+        )
+        .await;
+    }
     write_status(&api, &*agent, Some(&previous), &status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// A condition's status, reason and message.
+type ConditionState = (bool, &'static str, String);
+
+/// What an Agent's status says of its agent, from its row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub phase: AgentPhase,
+    /// `Online`: heartbeats arrive in time (also while the agent reports `Error`).
+    pub online: ConditionState,
+    /// `Healthy`: the agent reports it works. `False` whenever it is not heard from: an
+    /// agent whose state is not known is not known to work, and `kubectl describe` then
+    /// names why (`HeartbeatMissed`, `NeverConnected`, `Suspended`) rather than `Unknown`.
+    pub healthy: ConditionState,
+}
+
+/// Shown when an agent reports `Error` without saying why.
+const NO_REASON: &str = "the agent reports it cannot work and gave no reason";
+
+/// The phase and the `Online` and `Healthy` conditions of an Agent whose row is `row`:
+/// pure.
+pub fn presence(suspended: bool, row: &agents::Model) -> Presence {
+    let last_said = row
+        .state_message
+        .as_deref()
+        .map(|message| format!("; it last reported: {message}"))
+        .unwrap_or_default();
+    let never = (
+        false,
+        reasons::NEVER_CONNECTED,
+        "no heartbeat yet: install brokkr-agent in the spoke with this agent's key".to_owned(),
+    );
+    let (phase, online, healthy) = match row.status.as_str() {
+        _ if suspended && row.last_heartbeat.is_none() => {
+            (AgentPhase::Suspended, never.clone(), never)
+        }
+        _ if suspended => {
+            let suspended = (false, reasons::SUSPENDED, "suspended".to_owned());
+            (AgentPhase::Suspended, suspended.clone(), suspended)
+        }
+        "Online" => (
+            AgentPhase::Online,
+            (true, reasons::HEARTBEAT, HEARTBEATS_ARRIVE.to_owned()),
+            (
+                true,
+                reasons::AGENT_READY,
+                "the agent reports it works".to_owned(),
+            ),
+        ),
+        "Error" => (
+            AgentPhase::Error,
+            (true, reasons::HEARTBEAT, HEARTBEATS_ARRIVE.to_owned()),
+            (
+                false,
+                reasons::AGENT_ERROR,
+                row.state_message
+                    .clone()
+                    .unwrap_or_else(|| NO_REASON.to_owned()),
+            ),
+        ),
+        "Offline" => (
+            AgentPhase::Offline,
+            (
+                false,
+                reasons::HEARTBEAT_MISSED,
+                "missed three heartbeats; what it applied stays as it was".to_owned(),
+            ),
+            (
+                false,
+                reasons::HEARTBEAT_MISSED,
+                format!("no heartbeat, so whether it works is not known{last_said}"),
+            ),
+        ),
+        _ => (AgentPhase::Pending, never.clone(), never),
+    };
+    Presence {
+        phase,
+        online,
+        healthy,
+    }
+}
+
+const HEARTBEATS_ARRIVE: &str = "heartbeats arrive on time";
+
+/// `message` cut to fit an Event's note (at most 1 kB).
+fn event_note(message: &str) -> String {
+    brokkr_common::truncate_bytes(message, brokkr_common::error::MAX_ERROR_CHAIN).to_owned()
 }
 
 /// Records a suspension or resumption the status does not show yet (a first registration
@@ -273,4 +360,88 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action> {
         ctx.store.soft_delete_agent(row.id).await?;
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(status: &str, message: Option<&str>, heard: bool) -> agents::Model {
+        let at = chrono::DateTime::UNIX_EPOCH;
+        agents::Model {
+            id: uuid::Uuid::nil(),
+            created_at: at,
+            updated_at: at,
+            deleted_at: None,
+            name: "edge".into(),
+            cluster_name: "eu".into(),
+            last_heartbeat: heard.then_some(at),
+            status: status.into(),
+            state_message: message.map(str::to_owned),
+            state_since: heard.then_some(at),
+            is_suspended: false,
+            agent_version: None,
+            resource_uid: None,
+        }
+    }
+
+    #[test]
+    fn an_agent_reporting_an_error_is_online_but_not_healthy_with_its_reason() {
+        let error = presence(
+            false,
+            &row("Error", Some("spoke API server unreachable"), true),
+        );
+        assert_eq!(error.phase, AgentPhase::Error);
+        assert!(error.online.0, "heartbeats arrive");
+        assert_eq!(
+            error.healthy,
+            (
+                false,
+                reasons::AGENT_ERROR,
+                "spoke API server unreachable".to_owned()
+            )
+        );
+        let silent = presence(false, &row("Error", None, true));
+        assert_eq!(silent.healthy.2, NO_REASON);
+
+        let online = presence(false, &row("Online", None, true));
+        assert_eq!(online.phase, AgentPhase::Online);
+        assert_eq!((online.online.0, online.healthy.0), (true, true));
+        assert_eq!(online.healthy.1, reasons::AGENT_READY);
+    }
+
+    #[test]
+    fn an_agent_not_heard_from_is_not_known_to_be_healthy_and_says_why() {
+        let offline = presence(
+            false,
+            &row("Offline", Some("RBAC refuses watching x"), true),
+        );
+        assert_eq!(offline.phase, AgentPhase::Offline);
+        assert_eq!(offline.online.1, reasons::HEARTBEAT_MISSED);
+        assert_eq!(offline.healthy.1, reasons::HEARTBEAT_MISSED);
+        assert!(
+            offline
+                .healthy
+                .2
+                .ends_with("it last reported: RBAC refuses watching x")
+        );
+        let pending = presence(false, &row("Pending", None, false));
+        assert_eq!(pending.phase, AgentPhase::Pending);
+        assert_eq!(pending.healthy.1, reasons::NEVER_CONNECTED);
+        let suspended = presence(true, &row("Error", Some("x"), true));
+        assert_eq!(suspended.phase, AgentPhase::Suspended);
+        assert_eq!(
+            (suspended.online.1, suspended.healthy.1),
+            (reasons::SUSPENDED, reasons::SUSPENDED)
+        );
+        assert!(!suspended.healthy.0);
+    }
+
+    #[test]
+    fn event_notes_are_cut_on_a_character_boundary_under_one_kilobyte() {
+        let note = event_note(&"é".repeat(1000));
+        assert!(note.len() <= 1000);
+        assert!(note.chars().all(|c| c == 'é'));
+        assert_eq!(event_note("short"), "short");
+    }
 }

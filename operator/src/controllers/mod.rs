@@ -6,6 +6,7 @@
 
 mod agent;
 mod agent_target;
+mod alert_rule;
 mod generator;
 pub(crate) mod key_secrets;
 mod stack;
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokkr_crds::conditions::reasons;
-use brokkr_crds::{Agent, AgentTarget, Generator, OPERATOR_FIELD_MANAGER, Stack};
+use brokkr_crds::{
+    Agent, AgentTarget, AlertRule, Generator, NotificationChannel, OPERATOR_FIELD_MANAGER, Stack,
+};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Patch, PatchParams};
@@ -50,6 +53,8 @@ pub struct ControllerConfig {
     /// Where agent reports are announced (PostgreSQL notifications); without it,
     /// status follows reports only through the periodic refresh.
     pub database_url: Option<String>,
+    /// AlertRule evaluation and notification delivery.
+    pub alerting: crate::alerts::AlertingConfig,
 }
 
 impl ControllerConfig {
@@ -107,6 +112,7 @@ struct Caches {
     /// Hub Namespaces, for their labels (`spec.targetableFrom.namespaceSelector`).
     namespaces: Cache<Namespace>,
     agents_listed: Listed,
+    stacks_listed: Listed,
     agent_targets_listed: Listed,
     namespaces_listed: Listed,
 }
@@ -340,7 +346,8 @@ pub async fn run(
     let agent_targets = agent_targets.reconcile_on(tokio_stream::wrappers::ReceiverStream::new(
         namespace_requests,
     ));
-    let stacks = Controller::new(config.namespaced::<Stack>(&client), watch.clone());
+    let (stacks, stacks_listed) =
+        controller_with_readiness(config.namespaced::<Stack>(&client), watch.clone());
     let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
     let stacks_api = config.namespaced::<Stack>(&client);
     let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
@@ -352,14 +359,16 @@ pub async fn run(
         agents: agent_triggers,
         stack_cache: stacks.store(),
     };
-    let mut mirror = Vec::new();
+    // Aborted when the controllers stop, and also when this future is dropped mid-way
+    // (a task aborted during shutdown would otherwise leave them running).
+    let mut mirror = AbortOnDrop(Vec::new());
     if let Some(url) = &config.database_url {
-        mirror.push(tokio::spawn(crate::mirror::listen(
+        mirror.0.push(tokio::spawn(crate::mirror::listen(
             url.clone(),
             triggers.clone(),
         )));
     }
-    mirror.push(tokio::spawn(crate::mirror::sweep_offline(
+    mirror.0.push(tokio::spawn(crate::mirror::sweep_offline(
         store.clone(),
         config.heartbeat_interval,
         triggers,
@@ -373,10 +382,11 @@ pub async fn run(
         stacks: stacks.store(),
         namespaces,
         agents_listed,
+        stacks_listed,
         agent_targets_listed,
         namespaces_listed,
     };
-    mirror.push(tokio::spawn(follow_namespace_labels(
+    mirror.0.push(tokio::spawn(follow_namespace_labels(
         namespace_events,
         caches.agent_targets.clone(),
         namespace_triggers,
@@ -444,14 +454,84 @@ pub async fn run(
         .run(generator::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    mirror.push(tokio::spawn(retire_released_stacks(
+    mirror.0.push(tokio::spawn(retire_released_stacks(
         retirements,
         ctx.store.clone(),
     )));
+    mirror
+        .0
+        .extend(start_alerting(&ctx, &watch, shutdown.clone()));
     tokio::join!(agents, agent_targets, stacks, generators);
-    for task in mirror {
-        task.abort();
+    drop(mirror);
+}
+
+/// Starts what alerting needs on the leader: caches of AlertRules and NotificationChannels,
+/// the rules' evaluation, the channel controller and the notification delivery.
+fn start_alerting(
+    ctx: &Arc<Context>,
+    watch: &watcher::Config,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let client = &ctx.client;
+    let config = &ctx.config;
+    let (rules, rules_listed, rule_events) =
+        reflect_with_readiness(config.namespaced::<AlertRule>(client), watch.clone());
+    let (channels, channels_listed, channel_events) = reflect_with_readiness(
+        config.namespaced::<NotificationChannel>(client),
+        watch.clone(),
+    );
+    let caches = &ctx.caches;
+    let sources = alert_rule::Sources {
+        rules,
+        channels,
+        listed: vec![
+            rules_listed,
+            channels_listed,
+            caches.agents_listed.clone(),
+            caches.stacks_listed.clone(),
+            caches.namespaces_listed.clone(),
+        ],
+    };
+    vec![
+        tokio::spawn(fill_cache(rule_events)),
+        tokio::spawn(fill_cache(channel_events)),
+        tokio::spawn(alert_rule::evaluate_until(
+            ctx.clone(),
+            sources,
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::alerts::channels::run(
+            client.clone(),
+            config.namespaced::<NotificationChannel>(client),
+            ctx.metrics.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::alerts::deliver::deliver_until(
+            ctx.store.clone(),
+            client.clone(),
+            ctx.metrics.clone(),
+            config.alerting.delivery.clone(),
+            shutdown,
+        )),
+    ]
+}
+
+/// Tasks that live as long as the controllers.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
+}
+
+/// Polls a reflector's watch events, which is what fills its cache.
+async fn fill_cache<K>(events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>) {
+    use kube::runtime::WatchStreamExt;
+    let mut events = std::pin::pin!(events.default_backoff());
+    while events.next().await.is_some() {}
 }
 
 /// How often rows of Stacks released without the database are retried.
@@ -568,14 +648,28 @@ async fn publish(
     action: &str,
     note: String,
 ) {
+    publish_with(&ctx.recorder, reference, type_, reason, action, &note).await;
+}
+
+/// Publishes a Kubernetes Event through `recorder`, its note cut to
+/// [`brokkr_common::error::MAX_ERROR_CHAIN`] bytes; a failure to publish is only logged.
+pub(crate) async fn publish_with(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let note = brokkr_common::truncate_bytes(note, brokkr_common::error::MAX_ERROR_CHAIN);
     let event = Event {
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(note.to_owned()),
         action: action.to_owned(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, reference).await {
+    if let Err(err) = recorder.publish(&event, reference).await {
         warn!(error = %error_chain(&err), reason, "failed to publish an Event");
     }
 }

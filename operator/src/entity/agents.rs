@@ -13,7 +13,13 @@ pub struct Model {
     pub name: String,
     pub cluster_name: String,
     pub last_heartbeat: Option<DateTimeUtc>,
+    /// `Pending`, `Online`, `Error` (heartbeats arrive, the agent reports it cannot work)
+    /// or `Offline`.
     pub status: String,
+    /// The agent's reason while `status` is `Error`.
+    pub state_message: Option<String>,
+    /// When the current `status` began.
+    pub state_since: Option<DateTimeUtc>,
     pub is_suspended: bool,
     pub agent_version: Option<String>,
     pub resource_uid: Option<Uuid>,

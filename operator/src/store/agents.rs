@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
+use brokkr_crds::wire;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
@@ -24,6 +25,56 @@ pub struct AgentSync<'a> {
     pub labels: &'a [String],
     pub annotations: &'a BTreeMap<String, String>,
 }
+
+/// What one heartbeat says about its agent (the wire [`wire::Heartbeat`] without the
+/// stacks).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    pub version: String,
+    /// `Ready`, `Syncing`, ... or [`wire::STATE_ERROR`].
+    pub state: String,
+    /// The agent's reason; kept only with [`wire::STATE_ERROR`].
+    pub message: Option<String>,
+}
+
+impl HeartbeatReport {
+    /// The `agents.status` the heartbeat sets: `Error` when the agent reports it cannot
+    /// work, else `Online`.
+    pub fn status(&self) -> &'static str {
+        if self.state == wire::STATE_ERROR {
+            ERROR
+        } else {
+            ONLINE
+        }
+    }
+
+    /// The `agents.state_message` the heartbeat sets: the reason of an `Error`, else none.
+    pub fn state_message(&self) -> Option<&str> {
+        if self.state == wire::STATE_ERROR {
+            self.message.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
+impl From<wire::Heartbeat> for HeartbeatReport {
+    fn from(beat: wire::Heartbeat) -> HeartbeatReport {
+        HeartbeatReport {
+            version: beat.version,
+            state: beat.state,
+            message: beat.message,
+        }
+    }
+}
+
+/// `agents.status` of an agent whose heartbeats arrive and who reports it works.
+const ONLINE: &str = "Online";
+/// `agents.status` of an agent whose heartbeats arrive and who reports it cannot work.
+const ERROR: &str = "Error";
+/// `state_since` of a row becoming `Online`: moves only when it was not already.
+const STATE_SINCE_WHEN_NOT_ONLINE: &str =
+    "CASE WHEN status IS DISTINCT FROM 'Online' THEN now() ELSE state_since END";
 
 /// The stored half of an agent's key: the public prefix and the SHA-256 of the whole key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +167,8 @@ impl Store {
             .await?)
     }
 
-    /// Records a heartbeat: the agent is `Online` as of now, at `version`.
+    /// Records a heartbeat: the agent is `Online` as of now, at `version`, with no
+    /// reason of an earlier `Error` left.
     pub async fn heartbeat(
         &self,
         agent_id: Uuid,
@@ -127,7 +179,12 @@ impl Store {
         }
         agents::Entity::update_many()
             .col_expr(agents::Column::LastHeartbeat, Expr::current_timestamp())
-            .col_expr(agents::Column::Status, Expr::value("Online"))
+            .col_expr(
+                agents::Column::StateSince,
+                Expr::cust(STATE_SINCE_WHEN_NOT_ONLINE),
+            )
+            .col_expr(agents::Column::Status, Expr::value(ONLINE))
+            .col_expr(agents::Column::StateMessage, Expr::value(None::<String>))
             .col_expr(
                 agents::Column::AgentVersion,
                 Expr::value(version.map(str::to_owned)),
@@ -140,20 +197,30 @@ impl Store {
             .ok_or_else(|| StoreError::not_found(format!("live agent {agent_id}")))
     }
 
-    /// Records the heartbeats of many agents, as of now, in one statement. Deleted
-    /// agents are skipped.
-    pub async fn record_heartbeats(&self, beats: &[(Uuid, String)]) -> StoreResult<u64> {
+    /// Records the heartbeats of many agents, as of now, in one statement: `Error` with
+    /// the agent's reason when it reports [`wire::STATE_ERROR`], else `Online`;
+    /// `state_since` moves when the status changes. Deleted agents are skipped.
+    pub async fn record_heartbeats(&self, beats: &[(Uuid, HeartbeatReport)]) -> StoreResult<u64> {
         let mut rows = Vec::with_capacity(beats.len());
-        for (agent_id, version) in beats {
-            check_agent_version(version)?;
-            rows.push(serde_json::json!({"id": agent_id, "version": version}));
+        for (agent_id, beat) in beats {
+            check_agent_version(&beat.version)?;
+            rows.push(serde_json::json!({
+                "id": agent_id,
+                "version": beat.version,
+                "status": beat.status(),
+                "message": beat.state_message(),
+            }));
         }
         let result = self
             .db
             .execute_raw(super::statement(
-                "UPDATE agents a SET last_heartbeat = now(), status = 'Online', \
+                "UPDATE agents a SET last_heartbeat = now(), status = v.status, \
+                 state_message = v.message, \
+                 state_since = CASE WHEN a.status IS DISTINCT FROM v.status \
+                                    THEN now() ELSE a.state_since END, \
                  agent_version = v.version \
-                 FROM jsonb_to_recordset($1::jsonb) AS v(id uuid, version varchar) \
+                 FROM jsonb_to_recordset($1::jsonb) \
+                      AS v(id uuid, version varchar, status varchar, message text) \
                  WHERE a.id = v.id AND a.deleted_at IS NULL",
                 [serde_json::Value::Array(rows).into()],
             ))
@@ -161,8 +228,9 @@ impl Store {
         Ok(result.rows_affected())
     }
 
-    /// Marks `Offline` every live `Online` agent whose last heartbeat is older than
-    /// `silence`, returning their names.
+    /// Marks `Offline` every live agent heard from (`Online` or `Error`) whose last
+    /// heartbeat is older than `silence`, returning their names. An `Error` agent's reason
+    /// is kept: it is the last thing the agent said.
     pub async fn mark_silent_agents_offline(
         &self,
         silence: std::time::Duration,
@@ -174,8 +242,8 @@ impl Store {
         }
         let seconds = silence.as_secs_f64();
         let names = Name::find_by_statement(super::statement(
-            "UPDATE agents SET status = 'Offline' \
-             WHERE status = 'Online' AND deleted_at IS NULL \
+            "UPDATE agents SET status = 'Offline', state_since = now() \
+             WHERE status IN ('Online', 'Error') AND deleted_at IS NULL \
                AND last_heartbeat < now() - make_interval(secs => $1) \
              RETURNING name",
             [seconds.into()],

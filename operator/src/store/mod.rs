@@ -6,6 +6,7 @@
 //! unique violations as [`StoreError::Conflict`].
 
 mod agents;
+pub mod alerts;
 mod api_keys;
 pub mod audit;
 mod deployments;
@@ -13,6 +14,7 @@ mod error;
 mod events;
 mod generators;
 mod metadata;
+pub mod notifications;
 pub mod notify;
 mod rollouts;
 mod stacks;
@@ -23,7 +25,7 @@ use std::time::Duration;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, Statement, Value};
 
-pub use agents::{AgentKey, AgentSync, check_agent_version};
+pub use agents::{AgentKey, AgentSync, HeartbeatReport, check_agent_version};
 pub use api_keys::{FirstUse, KeyHolder, KeyOwner, NewKey, PendingKeyChange, Revoke};
 pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditResource};
 pub use deployments::{DesiredEntry, DesiredRows, HeadObject, StackHead};

@@ -7,7 +7,7 @@
 //! | [`DESIRED_CHANNEL`] | `a:<agent id>`: an agent's targets changed, or it reported removing a stack | `009_notifications`, `013_removal_report_notifications` |
 //! | [`DESIRED_CHANNEL`] | `k:<agent or generator id>`: its keys, suspension or deletion changed | `011_agent_access_notifications`, `016_api_keys`, `017_generator_access_notifications` |
 //! | [`STATUS_CHANNEL`] | `metadata.uid` of a Stack agents reported on | `009_notifications`, `014_status_notifications_by_uid` |
-//! | [`AGENTS_CHANNEL`] | the name of an agent that went Online or Offline | `009_notifications` |
+//! | [`AGENTS_CHANNEL`] | the name of an agent whose status (Online, Error, Offline) or reported reason changed | `009_notifications`, `020_agent_state` |
 //!
 //! The change feed ([`crate::api::changes`]) listens on the first, the status mirror
 //! ([`crate::mirror`]) on the other two.
@@ -20,7 +20,7 @@ use uuid::Uuid;
 pub const DESIRED_CHANNEL: &str = "brokkr_desired";
 /// Agents reported on a stack; the payload is the Stack resource's `metadata.uid`.
 pub const STATUS_CHANNEL: &str = "brokkr_status";
-/// An agent went Online or Offline; payloads parse with [`status_agent`].
+/// An agent's status or reported reason changed; payloads parse with [`status_agent`].
 pub const AGENTS_CHANNEL: &str = "brokkr_agents";
 
 /// What may have changed.

@@ -125,6 +125,10 @@ impl Hub {
             agent_selector: Some(format!("brokkr.io/test={agent_label}")),
             heartbeat_interval: Duration::from_secs(1),
             database_url: Some(db.url().to_owned()),
+            alerting: brokkr_operator::alerts::AlertingConfig {
+                evaluate_every: Duration::from_millis(500),
+                ..Default::default()
+            },
         };
         let mut hub = Hub {
             cluster,
@@ -160,6 +164,12 @@ impl Hub {
     /// Stops the controllers as a hub shutdown does and starts new ones, with empty
     /// caches, against the same API server and database, through `client`.
     pub async fn restart_controllers_with(&mut self, client: kube::Client) {
+        self.stop_controllers().await;
+        self.start_controllers_with(client);
+    }
+
+    /// Stops the controllers as a hub shutdown does (the database and the API server stay).
+    pub async fn stop_controllers(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -167,7 +177,11 @@ impl Hub {
             task.abort();
             let _ = task.await;
         }
-        self.start_controllers_with(client);
+    }
+
+    /// Starts new controllers, with empty caches, after [`Hub::stop_controllers`].
+    pub fn start_controllers_again(&mut self) {
+        self.start_controllers();
     }
 
     /// A client of this test's cluster whose LISTs of `plural` (not its watches) are

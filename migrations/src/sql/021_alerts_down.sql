@@ -1,0 +1,2 @@
+DROP TABLE alert_notifications;
+DROP TABLE alerts;
