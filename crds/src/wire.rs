@@ -59,6 +59,14 @@ pub struct DesiredStack {
     /// The stack was deleted: remove everything applied for it, then report a
     /// `Delete` event for this deployment object.
     pub deletion: bool,
+    /// The deployment object itself, exactly as `GET /api/v1/agent/deployment-objects/{id}`
+    /// answers it, so the agent need not fetch it. The hub includes it when the object is
+    /// small (its JSON at most 64 KiB by default) and newer than the request's `since`
+    /// cursor; it leaves it out for larger objects, deletion markers and objects an earlier
+    /// answer already carried. When it is absent (as from hubs that predate it), the agent
+    /// fetches the object. Agents that predate it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<DeploymentObject>,
 }
 
 /// One deployment object's content.
@@ -482,6 +490,69 @@ mod tests {
             beat("bad\0".into()).validate().unwrap_err().to_string(),
             "message contains a NUL character (\\u0000), which cannot be stored"
         );
+    }
+
+    #[test]
+    fn inline_objects_cross_old_and_new_hubs_and_agents() {
+        // A new hub's answer, read by an agent that predates `object` (serde ignores
+        // unknown fields: neither `DesiredState` nor `DesiredStack` denies them).
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        #[allow(dead_code)]
+        struct OldDesiredStack {
+            stack_id: Uuid,
+            stack_name: String,
+            deployment_object_id: Uuid,
+            sequence: i64,
+            checksum: String,
+            deletion: bool,
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldDesiredState {
+            cursor: String,
+            stacks: Vec<OldDesiredStack>,
+        }
+        let object = DeploymentObject {
+            id: Uuid::from_u128(2),
+            stack_id: Uuid::from_u128(1),
+            sequence: 7,
+            checksum: "abc".into(),
+            deletion: false,
+            yaml: "kind: ConfigMap\n".into(),
+        };
+        let stack = DesiredStack {
+            stack_id: object.stack_id,
+            stack_name: "ns/app".into(),
+            deployment_object_id: object.id,
+            sequence: 7,
+            checksum: "abc".into(),
+            deletion: false,
+            object: None,
+        };
+        let new = DesiredState {
+            cursor: "7.0123456789abcdef".into(),
+            stacks: vec![DesiredStack {
+                object: Some(object.clone()),
+                ..stack.clone()
+            }],
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""object":{"id":"#), "{json}");
+        let old: OldDesiredState = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.stacks[0].deployment_object_id, object.id);
+        assert_eq!(old.stacks[0].checksum, "abc");
+        // An old hub's answer, read by a new agent: no object, so it fetches; and a new
+        // hub's answer without one does not mention it.
+        let without = DesiredState {
+            cursor: new.cursor.clone(),
+            stacks: vec![stack],
+        };
+        let old_json = serde_json::to_string(&without).unwrap();
+        assert!(!old_json.contains("object"), "{old_json}");
+        let from_old: DesiredState = serde_json::from_str(&old_json).unwrap();
+        assert_eq!(from_old.stacks[0].object, None);
+        assert_eq!(serde_json::from_str::<DesiredState>(&json).unwrap(), new);
     }
 
     #[test]

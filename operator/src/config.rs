@@ -96,6 +96,11 @@ pub struct RunArgs {
     #[arg(long, global = true, env = "BROKKR_API_KEY_BURST", default_value_t = crate::api::DEFAULT_KEY_RATE.burst)]
     pub api_key_burst: u32,
 
+    /// Deployment objects up to this size (bytes of JSON) travel inside the long-poll
+    /// answer of a push, sparing each agent a fetch (0: agents always fetch)
+    #[arg(long, global = true, env = "BROKKR_INLINE_OBJECT_MAX_BYTES", default_value_t = crate::api::DEFAULT_INLINE_OBJECT_MAX_BYTES)]
+    pub inline_object_max_bytes: usize,
+
     /// Lookups per second of agent keys the hub does not know; beyond, requests with keys
     /// not yet cached get 429 without a database query (0: no limit)
     #[arg(long, global = true, env = "BROKKR_API_UNKNOWN_KEY_RATE", default_value_t = crate::api::DEFAULT_UNKNOWN_KEY_RATE.per_second)]

@@ -105,6 +105,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             changes,
             ApiConfig {
                 heartbeat_interval: args.heartbeat_interval,
+                inline_object_max_bytes: args.inline_object_max_bytes,
                 key_rate: RateLimit::new(args.api_key_rate, args.api_key_burst),
                 unknown_key_rate: RateLimit::new(
                     args.api_unknown_key_rate,

@@ -428,7 +428,12 @@ async fn desired_state_lists_targeted_stacks_with_a_cursor() {
     assert_eq!(stack.stack_name, "ns/app");
     assert!(!stack.deletion);
     let again = f.desired(&format!("?since={}", desired.cursor)).await;
-    assert_eq!(again, desired, "no change, same cursor");
+    assert_eq!(again.cursor, desired.cursor, "no change, same cursor");
+    // The same stacks; the object the first answer carried inline is not carried again.
+    assert!(desired.stacks[0].object.is_some());
+    let mut without_object = desired.clone();
+    without_object.stacks[0].object = None;
+    assert_eq!(again, without_object);
 
     let (status, body) = f.call(f.get("/api/v1/agent/desired?since=garbage")).await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
@@ -1027,6 +1032,21 @@ async fn the_openapi_document_describes_every_endpoint() {
             .unwrap();
     assert!(unauthorized.contains("key_expired") && unauthorized.contains("key_revoked"));
     assert!(body["components"]["schemas"]["EventBatch"].is_object());
+    let desired_stack = &body["components"]["schemas"]["DesiredState"]["$defs"]["DesiredStack"];
+    let object = &desired_stack["properties"]["object"];
+    assert!(
+        object["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("64 KiB") && d.contains("fetches")),
+        "{desired_stack}"
+    );
+    assert!(
+        !desired_stack["required"]
+            .as_array()
+            .unwrap()
+            .contains(&"object".into()),
+        "optional: {desired_stack}"
+    );
 }
 
 #[tokio::test]

@@ -15,13 +15,13 @@ mod removal;
 mod state;
 mod sync;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use brokkr_crds::wire::{DesiredState, STATE_READY, StackSummary};
+use brokkr_crds::wire::{DeploymentObject, DesiredState, STATE_READY, StackSummary};
 use kube::Client;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -29,6 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use uuid::Uuid;
 
 use self::drift::{Drift, Sighting};
+use self::poll::Desired;
 use self::removal::Removal;
 use self::state::Published;
 use self::sync::StackState;
@@ -218,6 +219,9 @@ struct Worker {
     metrics: Arc<Metrics>,
     status: Arc<Mutex<Published>>,
     desired: Option<DesiredState>,
+    /// The deployment objects the answer being handled carried inline, by id: used instead
+    /// of fetching them. Dropped once the answer is handled (a retry fetches).
+    inline: Arc<HashMap<Uuid, DeploymentObject>>,
     stacks: BTreeMap<Uuid, StackState>,
     removals: BTreeMap<Uuid, Removal>,
     /// Where the inventories live, and what they hold (as last read or written).
@@ -277,6 +281,7 @@ impl Worker {
                 metrics,
                 status,
                 desired: None,
+                inline: Arc::default(),
                 stacks: BTreeMap::new(),
                 removals: BTreeMap::new(),
                 inventory_store,
@@ -292,7 +297,7 @@ impl Worker {
 
     async fn run(
         mut self,
-        mut desired: watch::Receiver<Option<DesiredState>>,
+        mut desired: watch::Receiver<Option<Desired>>,
         mut sightings: mpsc::UnboundedReceiver<Sighting>,
     ) -> &'static str {
         let mut resync = interval(self.config.resync_interval);
@@ -306,8 +311,10 @@ impl Worker {
                         return "desired-state poll";
                     }
                     let state = desired.borrow_and_update().clone();
-                    if let Some(state) = state {
+                    if let Some(Desired { state, inline }) = state {
+                        self.inline = inline;
                         self.on_desired(state).await;
+                        self.inline = Arc::default();
                     }
                 }
                 Some(sighting) = sightings.recv() => self.on_sighting(sighting),

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use brokkr_common::error_sources;
-use brokkr_crds::wire::{DesiredStack, EventStatus, EventType, Health};
+use brokkr_crds::wire::{DeploymentObject, DesiredStack, EventStatus, EventType, Health};
 use brokkr_crds::{DEPLOYMENT_OBJECT_ANNOTATION, DriftPolicy, StackPolicy};
 use futures::future::join_all;
 use kube::ResourceExt;
@@ -24,13 +24,31 @@ use crate::inventory::{self, Claim, Entry, Inventory, Live};
 use crate::manifest::{self, Manifest, ObjectKey, Ownership, Phase};
 use crate::reporter::Reporter;
 
-/// The fetched content of a deployment object.
+/// The content of a deployment object, as fetched or carried inline.
 pub(super) struct Content {
     pub(super) id: Uuid,
     /// The parsed objects, or why they could not be parsed.
     pub(super) manifests: Result<Vec<Manifest>, String>,
     /// The deletion and adoption policy it carries.
     pub(super) policy: StackPolicy,
+}
+
+impl Content {
+    /// The parsed content of `object`.
+    fn of(object: &DeploymentObject) -> Content {
+        let (manifests, policy) = match StackPolicy::from_yaml(&object.yaml) {
+            Ok(policy) => (
+                manifest::parse(&object.yaml).map_err(|e| e.to_string()),
+                policy,
+            ),
+            Err(message) => (Err(message), StackPolicy::default()),
+        };
+        Content {
+            id: object.id,
+            manifests,
+            policy,
+        }
+    }
 }
 
 /// (deployment object, event type, status, message) of the last report, to report changes only.
@@ -246,11 +264,21 @@ impl Worker {
         self.evaluate_health(stack).await;
     }
 
-    /// Fetches the stack's deployment object unless it has it; `false` (and a retry
-    /// scheduled) when the hub could not be asked.
+    /// Fetches the stack's deployment object unless it has it or the answer carried it
+    /// inline (with the desired checksum); `false` (and a retry scheduled) when the hub
+    /// could not be asked.
     pub(super) async fn fetch_content(&mut self, stack: &mut StackState) -> bool {
         let do_id = stack.desired.deployment_object_id;
         if stack.content.as_ref().map(|c| c.id) == Some(do_id) {
+            return true;
+        }
+        let inline = self
+            .inline
+            .get(&do_id)
+            .filter(|object| object.checksum == stack.desired.checksum);
+        if let Some(object) = inline {
+            tracing::debug!("the deployment object came inline; not fetching it");
+            stack.content = Some(Content::of(object));
             return true;
         }
         match self.hub.deployment_object(do_id).await {
@@ -260,17 +288,9 @@ impl Worker {
                         "the deployment object's checksum differs from the desired state's"
                     );
                 }
-                let (manifests, policy) = match StackPolicy::from_yaml(&object.yaml) {
-                    Ok(policy) => (
-                        manifest::parse(&object.yaml).map_err(|e| e.to_string()),
-                        policy,
-                    ),
-                    Err(message) => (Err(message), StackPolicy::default()),
-                };
                 stack.content = Some(Content {
                     id: do_id,
-                    manifests,
-                    policy,
+                    ..Content::of(&object)
                 });
                 true
             }

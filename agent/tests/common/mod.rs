@@ -56,6 +56,18 @@ pub struct DesiredRequest {
     pub wait: Option<String>,
 }
 
+/// Whether the in-test hub's answers carry deployment objects inline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Inline {
+    /// Never, as hubs that predate inline objects.
+    #[default]
+    Off,
+    /// Every object but deletion markers.
+    On,
+    /// Every object but deletion markers, with a checksum other than the stack's.
+    WrongChecksum,
+}
+
 #[derive(Default)]
 struct Inner {
     key: String,
@@ -73,6 +85,7 @@ struct Inner {
     desired_requests: Vec<DesiredRequest>,
     object_fetches: Vec<Uuid>,
     unauthorized: u64,
+    inline: Inline,
 }
 
 struct Shared {
@@ -130,9 +143,25 @@ struct DesiredQuery {
 }
 
 fn desired_state(inner: &Inner) -> DesiredState {
+    let inline = |stack: &DesiredStack| {
+        let mut object = inner.objects.get(&stack.deployment_object_id)?.clone();
+        match inner.inline {
+            Inline::Off => return None,
+            Inline::On => {}
+            Inline::WrongChecksum => object.checksum.push_str("-other"),
+        }
+        (!stack.deletion).then_some(object)
+    };
     DesiredState {
         cursor: cursor_of(inner.version),
-        stacks: inner.stacks.values().cloned().collect(),
+        stacks: inner
+            .stacks
+            .values()
+            .map(|stack| DesiredStack {
+                object: inline(stack),
+                ..stack.clone()
+            })
+            .collect(),
     }
 }
 
@@ -370,6 +399,7 @@ impl FakeHub {
             sequence,
             checksum,
             deletion,
+            object: None,
         };
         inner.stacks.insert(stack_id, stack);
         self.bump(&mut inner);
@@ -385,6 +415,11 @@ impl FakeHub {
 
     pub fn deployment_object(&self, id: Uuid) -> DeploymentObject {
         self.shared.lock().objects[&id].clone()
+    }
+
+    /// Whether answers from now on carry deployment objects inline.
+    pub fn inline_objects(&self, inline: Inline) {
+        self.shared.lock().inline = inline;
     }
 
     pub fn set_key(&self, key: &str) {

@@ -295,11 +295,18 @@ impl SimAgent {
         for stack in &state.stacks {
             let id = stack.deployment_object_id;
             if !held.contains(&id) && !stack.deletion {
-                let fetched = self.hub.deployment_object(&self.key, id).await;
-                self.counters.objects.fetch_add(1, Ordering::Relaxed);
-                if fetched.is_err() {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    return None;
+                // As the agent does: an object carried in the answer is not fetched.
+                let inline = stack
+                    .object
+                    .as_ref()
+                    .is_some_and(|o| o.id == id && o.checksum == stack.checksum);
+                if !inline {
+                    let fetched = self.hub.deployment_object(&self.key, id).await;
+                    self.counters.objects.fetch_add(1, Ordering::Relaxed);
+                    if fetched.is_err() {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
                 }
                 let _ = self.holds.send(Hold {
                     agent: self.index,

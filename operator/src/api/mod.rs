@@ -8,6 +8,7 @@ pub mod changes;
 mod error;
 pub mod generator;
 mod heartbeats;
+mod inline;
 mod key_lifecycle;
 mod limits;
 mod objects;
@@ -25,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use brokkr_crds::wire::{
-    self, AgentEvent, DeploymentObject, DesiredStack, DesiredState, EventBatch, EventBatchResult,
-    Heartbeat, HeartbeatAck, MAX_EVENTS_PER_BATCH, MAX_WAIT_SECONDS,
+    self, AgentEvent, DeploymentObject, DesiredStack, EventBatch, EventBatchResult, Heartbeat,
+    HeartbeatAck, MAX_EVENTS_PER_BATCH, MAX_WAIT_SECONDS,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -66,7 +67,14 @@ pub struct ApiConfig {
     /// Database lookups of key prefixes that turn out unknown; beyond it, requests with
     /// uncached keys are answered 429 without a query.
     pub unknown_key_rate: RateLimit,
+    /// Deployment objects whose JSON is at most this many bytes travel inside the
+    /// desired-state answer (`DesiredStack.object`), sparing agents the fetch; larger ones
+    /// are fetched. 0 inlines none.
+    pub inline_object_max_bytes: usize,
 }
+
+/// Objects up to 64 KiB inline: most Stacks, and still a small answer.
+pub const DEFAULT_INLINE_OBJECT_MAX_BYTES: usize = 64 * 1024;
 
 /// Per agent key: far above what an agent does (one long-poll a minute, a heartbeat every
 /// 15 s, a fetch per changed stack and an event batch per change: well under one request a
@@ -85,6 +93,7 @@ impl Default for ApiConfig {
             request_timeout: Duration::from_secs(30),
             key_rate: DEFAULT_KEY_RATE,
             unknown_key_rate: DEFAULT_UNKNOWN_KEY_RATE,
+            inline_object_max_bytes: DEFAULT_INLINE_OBJECT_MAX_BYTES,
         }
     }
 }
@@ -251,7 +260,7 @@ async fn desired(
     agent: AuthenticatedAgent,
     State(state): State<ApiState>,
     query: Result<Query<DesiredQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<DesiredState>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let since = query.since.as_deref().map(Cursor::parse).transpose()?;
     let since_sequence = since.as_ref().map_or(0, |c| c.sequence);
@@ -264,10 +273,8 @@ async fn desired(
         let (stacks, max_sequence) = view.answer(since_sequence);
         let cursor = Cursor::of(&stacks, max_sequence);
         if since.as_ref() != Some(&cursor) || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(DesiredState {
-                cursor: cursor.text(),
-                stacks,
-            }));
+            let body = inline::desired_body(&state, &cursor.text(), &stacks, since_sequence).await;
+            return Ok(([(CONTENT_TYPE, "application/json")], body).into_response());
         }
         // Parked with only the cursor and the subscription held.
         drop((view, stacks));

@@ -117,7 +117,7 @@ fn openapi() -> Value {
         "security": [{"agentKey": []}],
         "paths": {
             "/api/v1/agent/desired": {"get": {
-                "summary": "This agent's desired state; with `since` and `wait`, a long-poll that returns when it changes",
+                "summary": "This agent's desired state; with `since` and `wait`, a long-poll that returns when it changes. A stack whose deployment object is small (its JSON at most 64 KiB by default) and newer than `since` carries it as `object`, so the agent need not fetch it; otherwise the agent fetches `/api/v1/agent/deployment-objects/{id}`",
                 "parameters": [
                     {"name": "since", "in": "query", "schema": {"type": "string"}, "description": "The cursor of the last response"},
                     {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 60}, "description": "Seconds to wait for a change (at most 60)"}

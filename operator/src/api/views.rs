@@ -60,6 +60,8 @@ impl AgentView {
                 sequence: e.sequence_id,
                 checksum: e.yaml_checksum.clone(),
                 deletion: e.is_deletion_marker,
+                // Spliced in by the answer, from the shared object bodies (`super::inline`).
+                object: None,
             })
             .collect();
         let max_sequence = stacks.iter().map(|s| s.sequence).fold(since, i64::max);
