@@ -382,6 +382,15 @@ pub fn to_time(at: chrono::DateTime<chrono::Utc>) -> Option<Time> {
         .map(Time)
 }
 
+/// `time` as the API server keeps it (`metav1.Time` has whole seconds), so that a
+/// status compared with the one read back does not differ in a fraction of a second
+/// and get written again on every reconcile.
+pub fn whole_seconds(time: Time) -> Time {
+    k8s_openapi::jiff::Timestamp::from_second(time.0.as_second())
+        .map(Time)
+        .unwrap_or(time)
+}
+
 pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }

@@ -9,12 +9,14 @@
 //! | P4 | the real `brokkr-agent`'s idle RSS/CPU with 10 stacks applied | [`agent_idle`] |
 //! | P5 | desired-state call p50/p99 without and with 2,000 past events per agent | [`history`] |
 //! | P6 | hub RSS before, during and after the herd one push causes | [`idle`] |
+//! | P7 | applying N Stacks with and without the operator; API writes per Stack | [`apply`] |
 //!
 //! Every measurement gets a fresh hub process, so one's memory does not carry into
 //! the next; each fleet size gets a fresh database. Goals are measured and reported,
 //! never asserted.
 
 pub mod agent_idle;
+pub mod apply;
 pub mod delivery;
 pub mod history;
 pub mod idle;
@@ -72,6 +74,10 @@ pub struct Options {
     #[arg(long, env = "BROKKR_BENCH_HISTORY_MAX_AGENTS", default_value_t = 1000)]
     pub history_max_agents: usize,
 
+    /// Stacks P7 applies [default: 1000; 50 with --quick]
+    #[arg(long, env = "BROKKR_BENCH_APPLY_STACKS")]
+    pub apply_stacks: Option<usize>,
+
     /// Size of each deployment object's YAML, in KiB
     #[arg(long, env = "BROKKR_BENCH_OBJECT_KIB", default_value_t = 16)]
     pub object_kib: usize,
@@ -115,6 +121,7 @@ pub enum Measurement {
     P4,
     P5,
     P6,
+    P7,
 }
 
 /// Durations and sizes of the measurements: the real ones, or tiny for `--quick`.
@@ -141,6 +148,8 @@ pub struct Plan {
     pub history_events: usize,
     pub history_poll: Duration,
     pub history_window: Duration,
+    /// Stacks P7 applies.
+    pub apply_stacks: usize,
     pub wait_for_quiet: bool,
 }
 
@@ -165,6 +174,7 @@ impl Plan {
             history_events: 2000,
             history_poll: secs(10),
             history_window: secs(30),
+            apply_stacks: 1000,
             wait_for_quiet: true,
         };
         if !quick {
@@ -184,6 +194,7 @@ impl Plan {
             history_events: 50,
             history_poll: secs(1),
             history_window: secs(3),
+            apply_stacks: 50,
             wait_for_quiet: false,
             ..full
         }
@@ -351,7 +362,10 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
         };
     }
     raise_open_files(options.agents.iter().copied().max().unwrap_or(0))?;
-    let plan = Plan::new(options.quick, options.object_kib);
+    let mut plan = Plan::new(options.quick, options.object_kib);
+    if let Some(stacks) = options.apply_stacks {
+        plan.apply_stacks = stacks;
+    }
     let binaries = Binaries::locate(
         options.operator_bin.clone(),
         options.agent_bin.clone(),
@@ -448,6 +462,13 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
             Ok(row) => rows.push(row),
             Err(err) => rows.push(Row::failed("P4", agent_idle::NAME, 1, &err)),
         }
+    }
+    if bench.wants(Measurement::P7) {
+        match apply::run(&bench).await {
+            Ok(row) => rows.push(row),
+            Err(err) => rows.push(Row::failed("P7", apply::NAME, 0, &err)),
+        }
+        bench.checkpoint(&rows);
     }
     let machine = match machine {
         Some(machine) => machine,

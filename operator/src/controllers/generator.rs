@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokkr_crds::conditions::{new_condition, reasons, set_condition, types};
-use brokkr_crds::{Generator, GeneratorStatus, REVOKE_KEY_ANNOTATION};
+use brokkr_crds::{Generator, GeneratorStatus, KeyStatus, REVOKE_KEY_ANNOTATION};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -12,7 +12,7 @@ use tracing::instrument;
 
 use super::key_secrets::{KeyStep, generator_secret_name, reconcile_key, revoke_requested_by};
 use super::{Context, Error, Result, resource_uid, with_finalizer, write_status};
-use crate::status::now;
+use crate::status::{now, whole_seconds};
 use crate::store::audit::AuditResource;
 use crate::store::{GeneratorSync, KeyOwner};
 
@@ -118,8 +118,16 @@ async fn apply(generator: Arc<Generator>, ctx: &Context, namespace: &str) -> Res
         stacks: i32::try_from(stacks).unwrap_or(i32::MAX),
         active: row.is_active,
         api_key_secret: Some(secret),
-        api_key: Some(key.status),
-        last_active_at: row.last_active_at.and_then(crate::status::to_time),
+        api_key: Some(KeyStatus {
+            issued_at: key.status.issued_at.map(whole_seconds),
+            expires_at: key.status.expires_at.map(whole_seconds),
+            last_used_at: key.status.last_used_at.map(whole_seconds),
+            ..key.status
+        }),
+        last_active_at: row
+            .last_active_at
+            .and_then(crate::status::to_time)
+            .map(whole_seconds),
     };
     write_status(&api, &*generator, Some(&previous), &status).await?;
     let refresh = Duration::from_secs(300);

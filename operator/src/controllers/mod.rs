@@ -17,6 +17,7 @@ use std::time::Duration;
 use brokkr_crds::conditions::reasons;
 use brokkr_crds::{
     Agent, AgentTarget, AlertRule, Generator, NotificationChannel, OPERATOR_FIELD_MANAGER, Stack,
+    StackStatus,
 };
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
@@ -101,6 +102,54 @@ pub struct Context {
     caches: Caches,
     /// Resource uids of Stacks released while the database was unreachable.
     released_without_database: tokio::sync::mpsc::UnboundedSender<uuid::Uuid>,
+    /// Generators whose Stack count changed, recounted together a moment later.
+    recounts: tokio::sync::mpsc::UnboundedSender<ObjectRef<Generator>>,
+    /// Statuses written to Stacks whose cached object shows no status yet, by resource
+    /// uid (see [`Context::stack_status_shown`]).
+    unseen_stack_statuses: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, StackStatus>>,
+}
+
+impl Context {
+    /// Asks for `generator`'s status to be recounted (its Stacks were added or removed).
+    fn recount(&self, generator: ObjectRef<Generator>) {
+        let _ = self.recounts.send(generator);
+    }
+
+    /// The Stack's status as last written: the cached object's, or, while the cache
+    /// has not yet seen the first status this hub wrote (its watch event comes after
+    /// the reconcile that the metadata patch's event triggered), that one, so that the
+    /// stale object does not cause the same status to be written again.
+    fn stack_status_shown(&self, stack: &Stack, resource_uid: uuid::Uuid) -> Option<StackStatus> {
+        let mut unseen = self
+            .unseen_stack_statuses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &stack.status {
+            Some(status) => {
+                unseen.remove(&resource_uid);
+                Some(status.clone())
+            }
+            None => unseen.get(&resource_uid).cloned(),
+        }
+    }
+
+    /// Remembers the first status written to a Stack whose cached object has none.
+    fn stack_status_written(&self, stack: &Stack, resource_uid: uuid::Uuid, status: &StackStatus) {
+        if stack.status.is_none() {
+            self.unseen_stack_statuses
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(resource_uid, status.clone());
+        }
+    }
+
+    /// Forgets a released Stack's remembered status.
+    fn stack_released(&self, resource_uid: uuid::Uuid) {
+        self.unseen_stack_statuses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&resource_uid);
+    }
 }
 
 /// The watched objects other controllers consult (Agents for target expansion, ...).
@@ -348,7 +397,24 @@ pub async fn run(
     ));
     let (stacks, stacks_listed) =
         controller_with_readiness(config.namespaced::<Stack>(&client), watch.clone());
-    let generators = Controller::new(config.namespaced::<Generator>(&client), watch.clone());
+    let (recounts, recount_requests) = tokio::sync::mpsc::unbounded_channel();
+    let (recount_triggers, generator_requests) = tokio::sync::mpsc::channel(1024);
+    // A Generator is reconciled when more than its status changed (its own status
+    // writes would otherwise recount it again and again while Stacks are added), when
+    // its Stacks were recounted, and every few minutes.
+    let generators = {
+        use kube::runtime::WatchStreamExt;
+        let (cache, writer) = kube::runtime::reflector::store();
+        let changes = kube::runtime::reflector(
+            writer,
+            watcher(config.namespaced::<Generator>(&client), watch.clone()),
+        )
+        .applied_objects()
+        .predicate_filter(generator_but_status, Default::default());
+        Controller::for_stream(changes, cache).reconcile_on(
+            tokio_stream::wrappers::ReceiverStream::new(generator_requests),
+        )
+    };
     let stacks_api = config.namespaced::<Stack>(&client);
     let (stack_triggers, stack_requests) = tokio::sync::mpsc::channel(1024);
     let (agent_triggers, agent_requests) = tokio::sync::mpsc::channel(1024);
@@ -374,7 +440,11 @@ pub async fn run(
         triggers,
     )));
     let generators_api = config.namespaced::<Generator>(&client);
-    let owned_stacks = config.namespaced::<Stack>(&client);
+    mirror.0.push(tokio::spawn(batch_recounts(
+        recount_requests,
+        recount_triggers,
+        RECOUNT_DELAY,
+    )));
 
     let caches = Caches {
         agents: agents.store(),
@@ -394,6 +464,8 @@ pub async fn run(
     let (released_without_database, retirements) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         released_without_database,
+        recounts,
+        unseen_stack_statuses: Default::default(),
         recorder: Recorder::new(client.clone(), Reporter::from("brokkr-operator")),
         client: client.clone(),
         store,
@@ -433,8 +505,17 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone())
         .run(agent_target::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
+    // Only what a Stack reads of its Generator triggers its Stacks: not the Generator's
+    // own status writes (its Stack count), which would reconcile every Stack of the
+    // Generator each time one more is counted.
+    let generator_changes = {
+        use kube::runtime::WatchStreamExt;
+        watcher(generators_api, watch.clone())
+            .touched_objects()
+            .predicate_filter(generator_as_stacks_see_it, Default::default())
+    };
     let stacks = stacks
-        .watches(generators_api, watch.clone(), move |generator| {
+        .watches_stream(generator_changes, move |generator| {
             let namespace = generator.namespace();
             let name = generator.name_any();
             stacks_for_generators
@@ -447,9 +528,10 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone())
         .run(stack::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
+    // A Generator's status counts its Stacks: the Stack controller asks for a recount
+    // when it records or releases one (no watch of its own on Stacks, and one status
+    // write for a burst of new Stacks, not one per Stack).
     let generators = generators
-        // A Generator's status counts its Stacks, which it owns.
-        .owns(owned_stacks, watch.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(generator::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -534,6 +616,65 @@ async fn fill_cache<K>(events: impl Stream<Item = Result<watcher::Event<K>, watc
     while events.next().await.is_some() {}
 }
 
+/// What of a Generator its Stacks depend on: which object it is, its spec (suspended or
+/// not), its registration (the row Stacks are recorded under) and its deletion.
+fn generator_as_stacks_see_it(generator: &Generator) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    generator.metadata.uid.hash(&mut hasher);
+    generator.metadata.generation.hash(&mut hasher);
+    generator
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    generator
+        .status
+        .as_ref()
+        .and_then(|status| status.generator_id.as_deref())
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// A Generator but its status: its spec (generation), the metadata its reconcile acts
+/// on (annotations such as the key revocation, finalizers, deletion) and its identity.
+fn generator_but_status(generator: &Generator) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &generator.metadata;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut hasher);
+    meta.generation.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.finalizers.hash(&mut hasher);
+    meta.deletion_timestamp.is_some().hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// How long a Generator's recount waits for more of its Stacks to come or go.
+const RECOUNT_DELAY: Duration = Duration::from_secs(1);
+
+/// Forwards the Generators asked to be recounted to their controller, each at most
+/// once per `delay`: the first request of a batch waits `delay` for the others.
+async fn batch_recounts(
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Generator>>,
+    reconciles: tokio::sync::mpsc::Sender<ObjectRef<Generator>>,
+    delay: Duration,
+) {
+    while let Some(first) = requests.recv().await {
+        tokio::time::sleep(delay).await;
+        let mut batch = std::collections::HashSet::from([first]);
+        while let Ok(next) = requests.try_recv() {
+            batch.insert(next);
+        }
+        for generator in batch {
+            if reconciles.send(generator).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// How often rows of Stacks released without the database are retried.
 const RETIREMENT_RETRY: Duration = Duration::from_secs(5);
 
@@ -612,16 +753,44 @@ where
     ApplyFut: std::future::Future<Output = Result<Action>>,
     CleanupFut: std::future::Future<Output = Result<Action>>,
 {
+    let prepare = |object| async { Ok(object) };
+    with_finalizer_prepared(ctx, controller, api, object, prepare, apply, cleanup).await
+}
+
+/// [`with_finalizer`] after `prepare`, which may write the object first (e.g. add the
+/// finalizer together with other metadata, in one request) and returns it as written;
+/// kube's helper then finds the finalizer in place and applies in the same reconcile.
+async fn with_finalizer_prepared<K, Prepare, Apply, Cleanup, PrepareFut, ApplyFut, CleanupFut>(
+    ctx: &Context,
+    controller: &'static str,
+    api: Api<K>,
+    object: Arc<K>,
+    prepare: Prepare,
+    apply: Apply,
+    cleanup: Cleanup,
+) -> Result<Action>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    Prepare: FnOnce(Arc<K>) -> PrepareFut,
+    Apply: FnOnce(Arc<K>) -> ApplyFut,
+    Cleanup: FnOnce(Arc<K>) -> CleanupFut,
+    PrepareFut: std::future::Future<Output = Result<Arc<K>>>,
+    ApplyFut: std::future::Future<Output = Result<Action>>,
+    CleanupFut: std::future::Future<Output = Result<Action>>,
+{
     let reference = object.object_ref(&());
     let timer = ctx.metrics.reconcile_started(controller);
-    let outcome = finalizer::finalizer(&api, brokkr_crds::FINALIZER, object, |event| async {
-        match event {
-            finalizer::Event::Apply(object) => apply(object).await,
-            finalizer::Event::Cleanup(object) => cleanup(object).await,
-        }
-    })
-    .await
-    .map_err(|err| Error::Finalizer(Box::new(err)));
+    let outcome = match prepare(object).await {
+        Ok(object) => finalizer::finalizer(&api, brokkr_crds::FINALIZER, object, |event| async {
+            match event {
+                finalizer::Event::Apply(object) => apply(object).await,
+                finalizer::Event::Cleanup(object) => cleanup(object).await,
+            }
+        })
+        .await
+        .map_err(|err| Error::Finalizer(Box::new(err))),
+        Err(err) => Err(err),
+    };
     let failure = outcome.as_ref().err().filter(|err| !err.is_waiting());
     timer.finish(failure.map(Error::category));
     if let Some(err) = failure {

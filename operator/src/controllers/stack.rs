@@ -2,17 +2,19 @@
 //! agents' reports; deletion held by the finalizer until the agents report removal.
 //!
 //! A reconcile, in order:
+//! 0. a new Stack takes the finalizer and its Generator's owner reference in one
+//!    metadata patch ([`adopt`]) and is applied in the same reconcile;
 //! 1. finds the Generator and its live row; without them nothing is written but the
 //!    status (`GeneratorNotFound`);
-//! 2. makes the Stack a dependent of the Generator (`ensure_owner`), an API write made
-//!    before, and outside, the database transaction;
+//! 2. makes the Stack a dependent of the Generator when it is not yet (`patch_metadata`),
+//!    an API write made before, and outside, the database transaction;
 //! 3. validates and renders the spec ([`plan`], pure); while the Generator is suspended,
 //!    valid content is held back (`Accepted` reason `GeneratorSuspended`);
 //! 4. writes the row, labels, annotations and, when the spec is accepted and its
 //!    checksum is new, a deployment object in one transaction (`Store::sync_stack`); a
 //!    refused spec keeps the last labels, annotations and content;
 //! 5. computes the status from the agents' reports and writes it when more than
-//!    timestamps changed.
+//!    timestamps changed; a new row asks for its Generator's (batched) recount.
 //!
 //! Deletion waits until every targeted agent reported the removal, or until the
 //! deletion timeout; past it the Stack is released, with or without the database.
@@ -32,7 +34,7 @@ use tracing::{info, instrument};
 
 use super::{
     Context, Error, Result, apply_status, label_strings, publish, resource_uid, spec_field_manager,
-    with_finalizer, write_status,
+    with_finalizer_prepared, write_status,
 };
 use crate::entity::deployment_objects;
 use crate::render::{Rendered, render_manifests, render_resources};
@@ -51,15 +53,39 @@ pub async fn reconcile(stack: Arc<Stack>, ctx: Arc<Context>) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<Stack> = Api::namespaced(ctx.client.clone(), &namespace);
-    with_finalizer(
+    with_finalizer_prepared(
         &ctx,
         "stack",
         api.clone(),
         stack,
+        |stack| adopt(stack, &ctx, &api),
         |stack| apply(stack, &ctx, api.clone()),
         |stack| cleanup(stack, &ctx),
     )
     .await
+}
+
+/// A new Stack takes the finalizer and its Generator's owner reference in one metadata
+/// patch, before anything is written to the database, and is returned as patched, so
+/// that the rest of this reconcile applies it (kube's helper would add the finalizer
+/// alone and leave the apply to the next reconcile). Without its Generator, or once
+/// deleting, the Stack is left to the finalizer helper as it is.
+async fn adopt(stack: Arc<Stack>, ctx: &Context, api: &Api<Stack>) -> Result<Arc<Stack>> {
+    let has_finalizer = stack
+        .finalizers()
+        .iter()
+        .any(|f| f == brokkr_crds::FINALIZER);
+    if has_finalizer || stack.metadata.deletion_timestamp.is_some() {
+        return Ok(stack);
+    }
+    let namespace = stack
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let generators: Api<Generator> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(generator) = generators.get_opt(&stack.spec.generator_ref.name).await? else {
+        return Ok(stack);
+    };
+    Ok(Arc::new(patch_metadata(&stack, &generator, api).await?))
 }
 
 /// What the Stack's spec asks to record, decided without touching anything.
@@ -128,7 +154,9 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         // The Generator watch brings it back as soon as the Generator appears.
         return Ok(Action::requeue(ctx.config.status_refresh));
     };
-    ensure_owner(&stack, &generator, &api).await?;
+    if !owned_by(&stack, &generator) {
+        patch_metadata(&stack, &generator, &api).await?;
+    }
 
     let labels = label_strings(&*stack);
     let plan = match plan(&stack, &labels) {
@@ -256,7 +284,11 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
         Some(object) => ctx.store.stack_status(stack_id, object.id).await?,
         None => Vec::new(),
     };
-    let previous = stack.status.clone();
+    let previous = ctx.stack_status_shown(&stack, resource_uid(&*stack)?);
+    if previous.as_ref().and_then(|p| p.stack_id.as_deref()) != Some(&stack_id.to_string()) {
+        // A new row: its Generator counts one Stack more.
+        ctx.recount(ObjectRef::from_obj(&generator));
+    }
     let pinned = served
         .as_ref()
         .filter(|_| serving.pinned.is_some())
@@ -324,6 +356,7 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
     };
     announce_refusal(ctx, &reference, previous.as_ref(), &status).await;
     write_status(&api, &stack, previous.as_ref(), &status).await?;
+    ctx.stack_status_written(&stack, resource_uid(&*stack)?, &status);
     Ok(Action::requeue(requeue))
 }
 
@@ -618,28 +651,40 @@ async fn announce_refusal(
     }
 }
 
+/// Whether the Stack is already a dependent of `generator`.
+fn owned_by(stack: &Stack, generator: &Generator) -> bool {
+    let uid = generator.metadata.uid.as_deref();
+    uid.is_some()
+        && stack
+            .owner_references()
+            .iter()
+            .any(|r| Some(r.uid.as_str()) == uid)
+}
+
 /// Makes the Stack a dependent of its Generator, so that Kubernetes' garbage
-/// collector deletes it with the Generator.
-async fn ensure_owner(stack: &Stack, generator: &Generator, api: &Api<Stack>) -> Result<()> {
+/// collector deletes it with the Generator, and holds its deletion with the
+/// finalizer: one server-side apply of both, as the operator's field manager owns both
+/// (an apply without the finalizer would remove it).
+async fn patch_metadata(stack: &Stack, generator: &Generator, api: &Api<Stack>) -> Result<Stack> {
     let Some(owner) = generator.controller_owner_ref(&()) else {
         return Err(Error::MissingMetadata("uid"));
     };
-    let owned = stack.owner_references().iter().any(|r| r.uid == owner.uid);
-    if owned {
-        return Ok(());
-    }
     let patch = serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": "Stack",
-        "metadata": { "name": stack.name_any(), "ownerReferences": [owner] },
+        "metadata": {
+            "name": stack.name_any(),
+            "finalizers": [brokkr_crds::FINALIZER],
+            "ownerReferences": [owner],
+        },
     });
-    api.patch(
-        &stack.name_any(),
-        &PatchParams::apply(OPERATOR_FIELD_MANAGER),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch(
+            &stack.name_any(),
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await?)
 }
 
 /// How long, once the deletion timeout is reached, the cleanup still waits for an
@@ -669,6 +714,7 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
     let waiting = match asked {
         Ok(Ok(waiting)) if waiting.is_empty() => {
             audit_deletion_outcome(&stack, ctx, actions::STACK_REMOVAL_REPORTED, json!({})).await;
+            released(&stack, ctx);
             return Ok(Action::await_change());
         }
         Ok(Ok(waiting)) => Ok(waiting),
@@ -736,7 +782,18 @@ async fn cleanup(stack: Arc<Stack>, ctx: &Context) -> Result<Action> {
             tracing::debug!(error = %super::error_chain(&err), "could not record the timed-out deletion");
         }
     }
+    released(&stack, ctx);
     Ok(Action::await_change())
+}
+
+/// A Stack about to be released: its Generator counts one Stack less.
+fn released(stack: &Stack, ctx: &Context) {
+    if let Some(namespace) = stack.namespace() {
+        ctx.recount(ObjectRef::new(&stack.spec.generator_ref.name).within(&namespace));
+    }
+    if let Ok(resource_uid) = resource_uid(stack) {
+        ctx.stack_released(resource_uid);
+    }
 }
 
 /// Records how a deletion ended; best effort, as the Stack is released either way (a

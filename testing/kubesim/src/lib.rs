@@ -12,6 +12,7 @@
 mod apply;
 mod cel;
 mod rbac;
+pub mod requests;
 mod resources;
 mod router;
 mod schema;
@@ -134,6 +135,11 @@ impl KubeSim {
 
     pub fn kubeconfig_yaml(&self) -> String {
         kubeconfig_yaml(&self.url())
+    }
+
+    /// How many requests of each verb and resource this simulator has served so far.
+    pub fn request_counts(&self) -> requests::RequestCounts {
+        self.store.requests().snapshot()
     }
 
     /// Forgets the watch history and ends every open watch, so a watcher resuming from any

@@ -189,6 +189,10 @@ async fn handle(
     tracing::debug!(%method, %uri, "request");
     let response = match parse_route(uri.path()) {
         Some(route) => {
+            if let Route::Resource(path) = &route {
+                let verb = verb(&method, path, &uri);
+                store.requests().record(verb, path.plural, path.subresource);
+            }
             let authorized = {
                 let state = store.lock();
                 crate::rbac::authorize(&state, &method, &headers, &query_params(&uri), &route)
@@ -201,6 +205,21 @@ async fn handle(
         tracing::debug!(%method, %uri, %err, "failed");
         err.into_response()
     })
+}
+
+/// The Kubernetes verb of a resource request, as RBAC and audit logs name it.
+fn verb(method: &Method, path: &ResourcePath<'_>, uri: &Uri) -> &'static str {
+    match (method.as_str(), path.name) {
+        ("GET", Some(_)) => "get",
+        ("GET", None) if flag(&query_params(uri), "watch") => "watch",
+        ("GET", None) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", Some(_)) => "delete",
+        ("DELETE", None) => "deletecollection",
+        _ => "other",
+    }
 }
 
 fn dispatch(

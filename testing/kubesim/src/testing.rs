@@ -88,6 +88,12 @@ impl TestCluster {
         }
     }
 
+    /// The requests served so far by verb and resource, on kubesim; `None` on a real
+    /// cluster (whose counts are in its audit log), where tests skip what they assert on them.
+    pub fn request_counts(&self) -> Option<crate::requests::RequestCounts> {
+        self.sim().map(KubeSim::request_counts)
+    }
+
     /// A kubeconfig file for this cluster (for spawning binaries).
     pub fn kubeconfig(&self) -> PathBuf {
         match &self.backend {

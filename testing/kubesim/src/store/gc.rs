@@ -128,6 +128,26 @@ impl State {
         }
     }
 
+    /// Whether the collector can find anything after a create or update of `key`: such a
+    /// write removes no object, so only an object being deleted somewhere, or owners of the
+    /// written object that are missing, give it work. Cheaper than a sweep, which would
+    /// make every write cost as much as the whole store.
+    pub(super) fn garbage_possible_after_write(&self, key: &Key) -> bool {
+        let owners = self.objects.get(key).map(owner_uids).unwrap_or_default();
+        let mut missing: Vec<&str> = owners.iter().map(String::as_str).collect();
+        for object in self.objects.values() {
+            if is_deleting(object) {
+                return true;
+            }
+            if !missing.is_empty()
+                && let Some(uid) = meta_str(object, "uid")
+            {
+                missing.retain(|owner| *owner != uid);
+            }
+        }
+        !missing.is_empty()
+    }
+
     /// Runs the garbage collector, namespace and CRD finalization to a fixpoint, synchronously,
     /// so tests that poll see a settled state right after the request that triggered it.
     pub(super) fn collect_garbage(&mut self) {

@@ -172,6 +172,7 @@ pub struct Store {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
     options: Options,
+    requests: crate::requests::RequestLog,
 }
 
 fn now() -> String {
@@ -225,6 +226,7 @@ impl Store {
             }),
             changes,
             options,
+            requests: Default::default(),
         });
         store.with_state(|state| {
             let namespaces = state.target_for(|t| t.is_namespace(), None);
@@ -236,6 +238,11 @@ impl Store {
             }
         });
         store
+    }
+
+    /// The counters of the requests served (see [`crate::requests`]).
+    pub(crate) fn requests(&self) -> &crate::requests::RequestLog {
+        &self.requests
     }
 
     pub fn options(&self) -> &Options {

@@ -243,7 +243,9 @@ impl State {
         if created && rt.is_namespace() {
             self.populate_namespace(&name);
         }
-        self.collect_garbage();
+        if self.garbage_possible_after_write(&key) {
+            self.collect_garbage();
+        }
         Ok(target.present(self.objects.get(&key).unwrap_or(&stored)))
     }
 
