@@ -8,9 +8,10 @@
 //! fetches, or already holds.
 //!
 //! An object's JSON is the body the fetch answers, serialised once and shared through the
-//! [`super::objects::ObjectCache`]: an answer copies those bytes in behind the stack's own
-//! (small) JSON instead of serialising the object again for every agent, and an object
-//! not cached is loaded once for all the answers (and fetches) that want it at once.
+//! [`super::objects::ObjectCache`]: an answer sends those bytes as a chunk of its body,
+//! behind the stack's own (small) JSON, instead of serialising or copying the object for
+//! every agent, and an object not cached is loaded once for all the answers (and
+//! fetches) that want it at once.
 
 use axum::body::Bytes;
 use brokkr_crds::wire::DesiredStack;
@@ -22,13 +23,14 @@ use uuid::Uuid;
 use super::{ApiState, load_object};
 
 /// The JSON of a [`brokkr_crds::wire::DesiredState`] with `cursor` and `stacks`, each small
-/// object new since `since` inline.
+/// object new since `since` inline, as the chunks of a body: the answer's own bytes, and
+/// the shared bytes of each object.
 pub(super) async fn desired_body(
     state: &ApiState,
     cursor: &str,
     stacks: &[DesiredStack],
     since: i64,
-) -> Vec<u8> {
+) -> Vec<Bytes> {
     let max_bytes = state.config.inline_object_max_bytes;
     let objects = join_all(stacks.iter().map(|stack| async move {
         if max_bytes == 0 || stack.deletion || stack.sequence <= since {
@@ -59,10 +61,11 @@ async fn object_body(state: &ApiState, id: Uuid, max_bytes: usize) -> Option<Byt
 }
 
 /// `{"cursor":…,"stacks":[…]}` with `objects[i]` (a serialised `DeploymentObject`) as the
-/// `object` of `stacks[i]`, copied rather than serialised again.
-fn assemble(cursor: &str, stacks: &[DesiredStack], objects: &[Option<Bytes>]) -> Vec<u8> {
-    let inline: usize = objects.iter().flatten().map(Bytes::len).sum();
-    let mut body = Vec::with_capacity(64 + stacks.len() * 256 + inline);
+/// `object` of `stacks[i]`: chunks that, concatenated, are the JSON; the objects' chunks
+/// are the shared bytes themselves (a reference count, not a copy).
+fn assemble(cursor: &str, stacks: &[DesiredStack], objects: &[Option<Bytes>]) -> Vec<Bytes> {
+    let mut chunks = Vec::new();
+    let mut body = Vec::with_capacity(64 + stacks.len() * 256);
     body.extend_from_slice(b"{\"cursor\":");
     write(&mut body, cursor);
     body.extend_from_slice(b",\"stacks\":[");
@@ -75,12 +78,35 @@ fn assemble(cursor: &str, stacks: &[DesiredStack], objects: &[Option<Bytes>]) ->
             // The stack's JSON ends with its closing brace: the object goes in before it.
             body.pop();
             body.extend_from_slice(b",\"object\":");
-            body.extend_from_slice(object);
+            chunks.push(Bytes::from(std::mem::take(&mut body)));
+            chunks.push(object.clone());
             body.push(b'}');
         }
     }
     body.extend_from_slice(b"]}");
-    body
+    chunks.push(Bytes::from(body));
+    chunks
+}
+
+/// The chunks as one response body, with its `Content-Length`.
+pub(super) fn into_response(chunks: Vec<Bytes>) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use axum::response::IntoResponse;
+    let length: usize = chunks.iter().map(Bytes::len).sum();
+    let body = if chunks.len() == 1 {
+        axum::body::Body::from(chunks.into_iter().next().unwrap_or_default())
+    } else {
+        let chunks = chunks.into_iter().map(Ok::<_, std::convert::Infallible>);
+        axum::body::Body::from_stream(futures::stream::iter(chunks))
+    };
+    (
+        [
+            (CONTENT_TYPE, "application/json".to_owned()),
+            (CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn write<T: Serialize + ?Sized>(body: &mut Vec<u8>, value: &T) {
@@ -118,8 +144,16 @@ mod tests {
             yaml: "kind: ConfigMap\ndata:\n  quote: \"\\\"}]\"\n".into(),
         };
         let shared = Bytes::from(serde_json::to_vec(&object).unwrap());
-        let body = assemble("2.0123456789abcdef", &stacks, &[None, Some(shared), None]);
-        let answer: DesiredState = serde_json::from_slice(&body).unwrap();
+        let chunks = assemble(
+            "2.0123456789abcdef",
+            &stacks,
+            &[None, Some(shared.clone()), None],
+        );
+        assert!(
+            chunks.iter().any(|c| c.as_ptr() == shared.as_ptr()),
+            "the object is sent from the shared bytes, not a copy"
+        );
+        let answer: DesiredState = serde_json::from_slice(&chunks.concat()).unwrap();
         let mut expected = stacks.clone();
         expected[1].object = Some(object);
         assert_eq!(
@@ -129,7 +163,8 @@ mod tests {
                 stacks: expected,
             }
         );
-        let empty: DesiredState = serde_json::from_slice(&assemble("0.x\"", &[], &[])).unwrap();
+        let empty: DesiredState =
+            serde_json::from_slice(&assemble("0.x\"", &[], &[]).concat()).unwrap();
         assert_eq!(empty.cursor, "0.x\"");
         assert!(empty.stacks.is_empty());
     }

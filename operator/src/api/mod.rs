@@ -274,7 +274,7 @@ async fn desired(
         let cursor = Cursor::of(&stacks, max_sequence);
         if since.as_ref() != Some(&cursor) || tokio::time::Instant::now() >= deadline {
             let body = inline::desired_body(&state, &cursor.text(), &stacks, since_sequence).await;
-            return Ok(([(CONTENT_TYPE, "application/json")], body).into_response());
+            return Ok(inline::into_response(body));
         }
         // Parked with only the cursor and the subscription held.
         drop((view, stacks));
