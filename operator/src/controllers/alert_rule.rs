@@ -5,7 +5,7 @@
 //! Periodic rather than per event: a condition must hold for its `for` anyway, time alone
 //! makes it due, and one pass over the caches costs microseconds per subject.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -369,15 +369,9 @@ fn count_watched(active: &[crate::store::alerts::ActiveCondition]) -> String {
 }
 
 fn firing_alert(alert: &alerts::Model) -> FiringAlert {
-    let body = crate::store::alerts::notification_body(
-        alert.id,
-        alert,
-        brokkr_crds::AlertState::Firing,
-        false,
-    );
     FiringAlert {
-        condition: body.condition,
-        subject: body.subject,
+        condition: alert.condition_type(),
+        subject: alert.subject(),
         started_at: to_time(alert.started_at).unwrap_or_else(now),
         message: alert.message.clone(),
     }
@@ -387,14 +381,10 @@ fn firing_alert(alert: &alerts::Model) -> FiringAlert {
 /// and a log line for both (names only: messages can quote spoke objects).
 async fn announce(ctx: &Context, rule: &AlertRule, changes: &RuleChanges) {
     let reference = rule.object_ref(&());
-    let mut by_kind: BTreeMap<&str, Vec<&alerts::Model>> = BTreeMap::new();
-    for alert in &changes.fired {
-        by_kind.entry("fired").or_default().push(alert);
-    }
-    for alert in &changes.resolved {
-        by_kind.entry("resolved").or_default().push(alert);
-    }
-    for (kind, alerts) in by_kind {
+    for (kind, alerts) in [("fired", &changes.fired), ("resolved", &changes.resolved)] {
+        if alerts.is_empty() {
+            continue;
+        }
         // A fleet-wide outage fires thousands of alerts at once: the log has them all,
         // the rule's Events the first few and a count.
         if alerts.len() > EVENTS_PER_PASS {
@@ -412,13 +402,8 @@ async fn announce(ctx: &Context, rule: &AlertRule, changes: &RuleChanges) {
             )
             .await;
         }
-        for (index, alert) in alerts.into_iter().enumerate() {
-            let subject = match &alert.subject_namespace {
-                Some(namespace) => {
-                    format!("{} {namespace}/{}", alert.subject_kind, alert.subject_name)
-                }
-                None => format!("{} {}", alert.subject_kind, alert.subject_name),
-            };
+        for (index, alert) in alerts.iter().enumerate() {
+            let subject = alert.subject();
             info!(rule = %rule.name_any(), condition = %alert.condition, subject = %subject, "alert {kind}");
             if index >= EVENTS_PER_PASS {
                 continue;

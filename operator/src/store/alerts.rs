@@ -296,12 +296,8 @@ pub fn notification_body(
     state: AlertState,
     reminder: bool,
 ) -> AlertNotification {
-    let condition = parse_condition(&alert.condition);
-    let subject = AlertSubject {
-        kind: alert.subject_kind.clone(),
-        name: alert.subject_name.clone(),
-        namespace: alert.subject_namespace.clone(),
-    };
+    let condition = alert.condition_type();
+    let subject = alert.subject();
     let message = match state {
         AlertState::Firing => alert.message.clone(),
         AlertState::Resolved => format!(
@@ -324,9 +320,21 @@ pub fn notification_body(
     }
 }
 
-fn parse_condition(text: &str) -> AlertConditionType {
-    serde_json::from_value(serde_json::Value::String(text.to_owned()))
-        .unwrap_or(AlertConditionType::AgentOffline)
+impl alerts::Model {
+    /// The Agent or Stack the alert is about.
+    pub fn subject(&self) -> AlertSubject {
+        AlertSubject {
+            kind: self.subject_kind.clone(),
+            name: self.subject_name.clone(),
+            namespace: self.subject_namespace.clone(),
+        }
+    }
+
+    /// The condition, as written from an [`AlertConditionType`] when the alert fired.
+    pub fn condition_type(&self) -> AlertConditionType {
+        serde_json::from_value(serde_json::Value::String(self.condition.clone()))
+            .unwrap_or(AlertConditionType::AgentOffline)
+    }
 }
 
 fn parse_severity(text: &str) -> Severity {
