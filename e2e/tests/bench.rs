@@ -65,6 +65,7 @@ fn quick_bench_measures_every_scenario_with_the_real_binaries() {
         ("P4", 1),
         ("P5", 2),
         ("P6", 1),
+        ("P8", 1),
     ] {
         assert_eq!(count(id), expected, "{id} rows in:\n{text}");
     }
@@ -95,6 +96,10 @@ fn quick_bench_measures_every_scenario_with_the_real_binaries() {
             "{}: {samples} deliveries",
             row["measurement"]
         );
+    }
+    for row in rows.iter().filter(|r| r["id"] == "P8") {
+        // Every agent's reconnecting request was answered by the new hub.
+        assert_eq!(row["samples"], "20", "{}", row["notes"]);
     }
     for row in rows.iter().filter(|r| r["id"] == "P3") {
         let rate: f64 = row["events_per_s"].parse().unwrap();

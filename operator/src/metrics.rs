@@ -205,6 +205,11 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    pub lookup: &'static str,
+}
+
 /// The agent API's serving limits: connections, timeouts, rate limits and key lookups.
 #[derive(Clone, Default)]
 pub struct ApiMetrics {
@@ -219,6 +224,9 @@ pub struct ApiMetrics {
     pub requests_limited: Family<ReasonLabels, Counter>,
     /// Database lookups of key prefixes that were not cached: `found`, `unknown`.
     pub key_lookups: Family<ResultLabels, Counter>,
+    /// Queries made for first-time lookups, each for a batch of them: `keys`,
+    /// `desired_states`.
+    pub lookup_queries: Family<LookupLabels, Counter>,
     /// Requests refused 401 from the cache of unknown key prefixes, without a query.
     pub unknown_keys_cached: Counter,
     /// Heartbeats PostgreSQL refused, dropped so that the rest of their batch is written.
@@ -254,6 +262,11 @@ impl ApiMetrics {
             metrics.key_lookups.clone(),
         );
         registry.register(
+            "api_lookup_queries",
+            "Queries for batches of first-time lookups (keys, desired states), by lookup",
+            metrics.lookup_queries.clone(),
+        );
+        registry.register(
             "api_unknown_keys_cached",
             "Agent API requests refused as unknown keys from the cache, without a query",
             metrics.unknown_keys_cached.clone(),
@@ -275,6 +288,12 @@ impl ApiMetrics {
     pub fn connection_closed_because(&self, reason: &'static str) {
         self.connections_closed
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn lookup_queried(&self, lookup: &'static str) {
+        self.lookup_queries
+            .get_or_create(&LookupLabels { lookup })
             .inc();
     }
 

@@ -195,6 +195,23 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
         .map_err(|source| RunError::Serve { addr, source })
 }
 
+/// Connections the kernel holds for the API before it accepts them. Tokio's default
+/// (1,024) made a fleet reconnecting at once to a restarted hub lose SYNs and retry a
+/// second later; the kernel caps this at `net.core.somaxconn` (4,096 by default).
+const API_LISTEN_BACKLOG: u32 = 16_384;
+
+fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted hub rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(API_LISTEN_BACKLOG)
+}
+
 /// Serves the agent API until `shutdown`, within `limits`, then lets requests in flight
 /// finish for up to `limits.grace`.
 pub async fn serve_api(
@@ -216,7 +233,7 @@ pub async fn serve_api(
         }
         None => None,
     };
-    let listener = bind(addr).await?;
+    let listener = bind_api(addr).map_err(|source| RunError::Serve { addr, source })?;
     api::serve(listener, app, tls, limits, metrics, shutdown).await;
     Ok(())
 }

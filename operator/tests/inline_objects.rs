@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use brokkr_crds::wire::{DeploymentObject, DesiredStack, DesiredState};
 use brokkr_operator::api::{self, ApiConfig, ApiState, ChangeFeed};
-use brokkr_operator::store::{GeneratorSync, StackContent, StackSync, Store};
+use brokkr_operator::store::{GeneratorSync, StackContent, Store};
 use brokkr_testdb::TestDb;
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 mod common;
-use common::agent_with_key;
+use common::{agent_with_key, targeted_stack};
 
 struct Fixture {
     _db: TestDb,
@@ -64,29 +64,9 @@ impl Fixture {
             ("small", 100),
             ("large", api::DEFAULT_INLINE_OBJECT_MAX_BYTES),
         ] {
-            let (yaml, checksum) = content(&config_map(name, padding));
-            let synced = store
-                .sync_stack(&StackSync {
-                    resource_uid: Uuid::new_v4(),
-                    name: &format!("ns/{name}"),
-                    description: None,
-                    generator_id: generator,
-                    labels: None,
-                    annotations: None,
-                    content: Some(StackContent {
-                        yaml: &yaml,
-                        checksum: &checksum,
-                    }),
-                    author: None,
-                    progressive: false,
-                })
-                .await
-                .unwrap();
-            store
-                .replace_stack_targets(synced.stack.id, &BTreeSet::from([agent]))
-                .await
-                .unwrap();
-            stacks.push(synced.stack.id);
+            let yaml = config_map(name, padding);
+            let (name, agents) = (format!("ns/{name}"), BTreeSet::from([agent]));
+            stacks.push(targeted_stack(&store, generator, &name, &yaml, &agents).await);
         }
         let app = api::app(ApiState::new(store.clone(), changes, ApiConfig::default()));
         // Give the notification listener a moment to subscribe.

@@ -11,9 +11,8 @@ use brokkr_testdb::TestDb;
 use super::procfs::{self, Monitor, mib};
 use super::report::Row;
 use super::seed::Seed;
-use super::sim::{Fleet, FleetConfig, Mode};
 use super::stats::Summary;
-use super::{Bench, BenchError, HEARTBEAT};
+use super::{Bench, BenchError};
 
 pub async fn run(
     bench: &Bench,
@@ -28,18 +27,7 @@ pub async fn run(
     bench.progress(&format!("P2/P6 idle fleet and herd, {agents} agents"));
     let quiet = bench.wait_until_quiet().await;
     let hub = bench.start_hub(db).await?;
-    let mut fleet = Fleet::start(
-        &hub.url(),
-        &seed.agents,
-        FleetConfig {
-            mode: Mode::LongPoll,
-            heartbeat: Some(HEARTBEAT),
-            ramp: plan.ramp(agents),
-        },
-    );
-    bench
-        .await_fleet(&mut fleet, seed, plan.ramp(agents) + plan.delivery_timeout)
-        .await?;
+    let mut fleet = bench.start_long_polling_fleet(&hub, seed).await?;
     let mut rows = Vec::new();
 
     if idle {

@@ -25,6 +25,7 @@ pub mod machine;
 pub mod process;
 pub mod procfs;
 pub mod report;
+pub mod restart;
 pub mod seed;
 pub mod sim;
 pub mod stats;
@@ -122,6 +123,7 @@ pub enum Measurement {
     P5,
     P6,
     P7,
+    P8,
 }
 
 /// Durations and sizes of the measurements: the real ones, or tiny for `--quick`.
@@ -312,6 +314,15 @@ impl Bench {
     }
 
     pub async fn start_hub(&self, db: &TestDb) -> Result<Hub, BenchError> {
+        self.start_hub_at(db, None).await
+    }
+
+    /// A hub serving the agent API at `api` (a free port when `None`).
+    pub async fn start_hub_at(
+        &self,
+        db: &TestDb,
+        api: Option<std::net::SocketAddr>,
+    ) -> Result<Hub, BenchError> {
         let n = self.hubs.fetch_add(1, Ordering::Relaxed);
         Hub::start(
             &self.binaries.operator,
@@ -319,8 +330,31 @@ impl Bench {
             self.cluster.kubeconfig(),
             &self.log_dir,
             &format!("hub-{n:02}"),
+            api,
         )
         .await
+    }
+
+    /// Starts `seed`'s agents long-polling `hub` and sending heartbeats, ramped up, and
+    /// waits until they hold the current objects and their long-polls have parked.
+    pub async fn start_long_polling_fleet(
+        &self,
+        hub: &Hub,
+        seed: &Seed,
+    ) -> Result<Fleet, BenchError> {
+        let agents = seed.agents.len();
+        let mut fleet = Fleet::start(
+            &hub.url(),
+            &seed.agents,
+            sim::FleetConfig {
+                mode: sim::Mode::LongPoll,
+                heartbeat: Some(HEARTBEAT),
+                ramp: self.plan.ramp(agents),
+            },
+        );
+        let timeout = self.plan.ramp(agents) + self.plan.delivery_timeout;
+        self.await_fleet(&mut fleet, seed, timeout).await?;
+        Ok(fleet)
     }
 
     /// Waits until every agent of a just-started fleet holds the current objects, and
@@ -400,6 +434,7 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
             Measurement::P2,
             Measurement::P5,
             Measurement::P6,
+            Measurement::P8,
         ];
         if !per_fleet.iter().any(|m| bench.wants(*m)) {
             break;
@@ -426,6 +461,13 @@ pub async fn run(mut options: Options) -> Result<Report, BenchError> {
                         rows.push(Row::failed(id, name, agents, &err));
                     }
                 }
+            }
+            bench.checkpoint(&rows);
+        }
+        if bench.wants(Measurement::P8) {
+            match restart::run(&bench, &db, &store, &mut seed).await {
+                Ok(row) => rows.push(row),
+                Err(err) => rows.push(Row::failed("P8", restart::NAME, agents, &err)),
             }
             bench.checkpoint(&rows);
         }

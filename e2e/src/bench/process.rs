@@ -233,17 +233,23 @@ impl ChildProcess {
 pub struct Hub {
     process: ChildProcess,
     api: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Hub {
+    /// Starts a hub serving the agent API at `api` (a free port when `None`).
     pub async fn start(
         binary: &Path,
         database_url: &str,
         kubeconfig: &Path,
         log_dir: &Path,
         name: &str,
+        api: Option<SocketAddr>,
     ) -> Result<Hub, BenchError> {
-        let api = free_addr()?;
+        let api = match api {
+            Some(addr) => addr,
+            None => free_addr()?,
+        };
         let metrics = free_addr()?;
         let env = [
             ("DATABASE_URL", database_url.to_owned()),
@@ -265,7 +271,11 @@ impl Hub {
                 Duration::from_secs(10),
             )
             .await?;
-        Ok(Hub { process, api })
+        Ok(Hub {
+            process,
+            api,
+            metrics,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -274,6 +284,29 @@ impl Hub {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.api)
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api
+    }
+
+    /// The value of a sample of the hub's `/metrics`, by the start of its line (`0` when
+    /// absent or unreadable).
+    pub async fn metric(&self, line: &str) -> f64 {
+        let Ok(response) = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("a plain-HTTP client always builds")
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+        else {
+            return 0.0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub async fn stop(self) {

@@ -9,7 +9,7 @@ use super::stats::{Summary, ms};
 /// time); `process` says whose CPU and RSS the row shows.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
-    /// `P1` .. `P7`.
+    /// `P1` .. `P8`.
     pub id: &'static str,
     pub name: String,
     pub agents: usize,

@@ -78,6 +78,8 @@ pub struct FleetConfig {
 pub struct Hold {
     pub agent: usize,
     pub object: Uuid,
+    /// When the desired-state request that named the object was sent.
+    pub asked: Instant,
     /// When the desired set naming the object arrived.
     pub announced: Instant,
     /// When the object itself arrived.
@@ -117,6 +119,9 @@ pub struct Delivery {
     /// Commit to the desired set naming the object, per agent (the first half of the
     /// latency; the rest is the object's fetch).
     pub announced: Vec<Duration>,
+    /// From sending the desired-state request that named the object to its answer, per
+    /// agent: the hub's own part, without any wait for a push or a retry.
+    pub answered_in: Vec<Duration>,
     /// Agents that did not hold it before the timeout.
     pub missing: usize,
 }
@@ -188,6 +193,9 @@ impl Fleet {
                 delivery
                     .announced
                     .push(hold.announced.saturating_duration_since(since));
+                delivery
+                    .answered_in
+                    .push(hold.announced.saturating_duration_since(hold.asked));
             }
         }
         delivery.missing = wanted - delivery.latencies.len();
@@ -252,7 +260,7 @@ impl SimAgent {
                     if matches!(self.config.mode, Mode::Poll(_)) {
                         self.record_latency(answered - asked);
                     }
-                    match self.fetch_new(&state, &held, answered).await {
+                    match self.fetch_new(&state, &held, asked, answered).await {
                         Some(now_held) => {
                             held = now_held;
                             cursor = Some(state.cursor);
@@ -289,6 +297,7 @@ impl SimAgent {
         &self,
         state: &DesiredState,
         held: &HashSet<Uuid>,
+        asked: Instant,
         announced: Instant,
     ) -> Option<HashSet<Uuid>> {
         let mut now_held = HashSet::with_capacity(state.stacks.len());
@@ -311,6 +320,7 @@ impl SimAgent {
                 let _ = self.holds.send(Hold {
                     agent: self.index,
                     object: id,
+                    asked,
                     announced,
                     at: Instant::now(),
                 });

@@ -12,16 +12,18 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use futures::FutureExt;
 use moka::sync::Cache;
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
 
+use super::batch::BatchLoader;
 use super::limits::{KeyLimiter, RateLimit, UnknownKeyLimiter, retry_after_seconds};
 use super::{ApiError, ApiState};
 use crate::keys::{Scope, key_matches, key_prefix};
-use crate::store::{KeyHolder, KeyOwner};
+use crate::metrics::ApiMetrics;
+use crate::store::{KeyHolder, KeyOwner, Store};
 
 /// The agent a request comes from, and the key it presented.
 #[derive(Clone, Debug)]
@@ -68,9 +70,6 @@ const MAX_CACHED: u64 = 100_000;
 /// How long a prefix no agent had is answered 401 without a query. Any change of an
 /// agent's key also drops these entries, so a new key works at once.
 const UNKNOWN_TTL: Duration = Duration::from_secs(30);
-
-/// Lookups of uncached prefixes that may use database connections at once.
-const MAX_CONCURRENT_LOOKUPS: usize = 8;
 
 impl AuthCache {
     pub fn new(ttl: Duration) -> AuthCache {
@@ -292,22 +291,13 @@ async fn authenticate_key(
     })
 }
 
-/// Finds the agent of a prefix that is not cached: at most [`MAX_CONCURRENT_LOOKUPS`] at
-/// once, answered from the cache of unknown prefixes when possible, and refused without a
-/// query while lookups of unknown prefixes are over their rate.
+/// Finds the agent of a prefix that is not cached: answered from the cache of unknown
+/// prefixes when possible, refused without a query while lookups of unknown prefixes are
+/// over their rate, and otherwise looked up together with the other prefixes asked for
+/// meanwhile (one query for a whole fleet reconnecting to a fresh hub).
 async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError> {
     let auth = state.changes.auth();
     let unknown = || ApiError::Unauthorized("unknown key".into());
-    if auth.is_unknown(prefix) {
-        state.metrics.unknown_keys_cached.inc();
-        return Err(unknown());
-    }
-    // The semaphore is never closed.
-    let _permit = state.limits.lookups.acquire().await.ok();
-    // Another request may have looked it up while this one waited.
-    if let Some(agent) = auth.get(prefix) {
-        return Ok(agent);
-    }
     if auth.is_unknown(prefix) {
         state.metrics.unknown_keys_cached.inc();
         return Err(unknown());
@@ -319,8 +309,9 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
             retry_after_seconds: retry_after_seconds(wait),
         });
     }
+    // Taken before the batch's query reads the row.
     let generation = auth.generation();
-    let Some(holder) = state.store.find_key_holder(prefix).await? else {
+    let Some(holder) = state.key_holders.load(prefix.to_owned()).await? else {
         state.metrics.key_looked_up("unknown");
         state.limits.unknown_keys.found_nothing(Instant::now());
         auth.put_unknown(prefix, generation);
@@ -331,11 +322,25 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
     Ok(holder)
 }
 
+/// Prefixes looked up in one query.
+pub const KEY_LOOKUP_BATCH: usize = 1000;
+
+/// Looks up [`KEY_LOOKUP_BATCH`] prefixes at a time.
+pub fn key_holder_loader(store: Store, metrics: ApiMetrics) -> BatchLoader<String, CachedAgent> {
+    BatchLoader::new(
+        KEY_LOOKUP_BATCH,
+        Box::new(move |prefixes: Vec<String>| {
+            let store = store.clone();
+            metrics.lookup_queried("keys");
+            async move { store.find_key_holders(&prefixes).await }.boxed()
+        }),
+    )
+}
+
 /// The limits [`AuthenticatedAgent`] applies, shared by every request.
 pub struct AuthLimits {
     keys: KeyLimiter,
     unknown_keys: UnknownKeyLimiter,
-    lookups: Semaphore,
 }
 
 impl AuthLimits {
@@ -343,7 +348,6 @@ impl AuthLimits {
         AuthLimits {
             keys: KeyLimiter::new(key_rate),
             unknown_keys: UnknownKeyLimiter::new(unknown_key_rate),
-            lookups: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
         }
     }
 }

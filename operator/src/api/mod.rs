@@ -4,6 +4,7 @@
 
 mod auth;
 mod auth_failures;
+mod batch;
 pub mod changes;
 mod error;
 pub mod generator;
@@ -29,6 +30,7 @@ use brokkr_crds::wire::{
     self, AgentEvent, DeploymentObject, DesiredStack, EventBatch, EventBatchResult, Heartbeat,
     HeartbeatAck, MAX_EVENTS_PER_BATCH, MAX_WAIT_SECONDS,
 };
+use futures::FutureExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -42,8 +44,9 @@ pub use limits::RateLimit;
 pub use serve::{ServeLimits, serve};
 
 use crate::metrics::ApiMetrics;
-use crate::store::{EventReport, Store, StoreError, check_agent_version};
+use crate::store::{DesiredEntry, EventReport, KeyHolder, Store, StoreError, check_agent_version};
 use auth::AuthLimits;
+use batch::BatchLoader;
 use heartbeats::Heartbeats;
 use objects::{CachedObject, ObjectCache};
 use views::AgentView;
@@ -107,6 +110,9 @@ pub struct ApiState {
     config: Arc<ApiConfig>,
     limits: Arc<AuthLimits>,
     key_use: Arc<key_lifecycle::KeyUse>,
+    /// First-time lookups of keys and of agents' desired states, in batches.
+    key_holders: Arc<BatchLoader<String, KeyHolder>>,
+    desired_states: Arc<BatchLoader<Uuid, Vec<DesiredEntry>>>,
     auth_failures: Arc<auth_failures::AuthFailures>,
     /// Without it, agents cannot renew their keys here and the generator API cannot
     /// apply Stacks (501).
@@ -117,7 +123,10 @@ pub struct ApiState {
 impl ApiState {
     /// `changes` must be listening (see [`ChangeFeed::listen`]) for long-polls to wake.
     pub fn new(store: Store, changes: ChangeFeed, config: ApiConfig) -> ApiState {
+        let metrics = ApiMetrics::default();
         ApiState {
+            key_holders: Arc::new(auth::key_holder_loader(store.clone(), metrics.clone())),
+            desired_states: Arc::new(desired_state_loader(store.clone(), metrics.clone())),
             store,
             changes,
             objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
@@ -127,7 +136,7 @@ impl ApiState {
             auth_failures: Arc::default(),
             cluster_access: None,
             config: Arc::new(config),
-            metrics: ApiMetrics::default(),
+            metrics,
         }
     }
 
@@ -144,6 +153,8 @@ impl ApiState {
         self.heartbeats = Arc::new(Heartbeats::counting_drops_in(
             metrics.heartbeats_dropped.clone(),
         ));
+        self.key_holders = Arc::new(auth::key_holder_loader(self.store.clone(), metrics.clone()));
+        self.desired_states = Arc::new(desired_state_loader(self.store.clone(), metrics.clone()));
         self.metrics = metrics;
         self
     }
@@ -290,7 +301,8 @@ async fn desired(
     }
 }
 
-/// The agent's desired state: the view the change feed keeps, or a query.
+/// The agent's desired state: the view the change feed keeps, or a query (batched with
+/// the other agents' asked for meanwhile).
 async fn current_view(
     state: &ApiState,
     agent_id: Uuid,
@@ -301,13 +313,28 @@ async fn current_view(
         return Ok(view);
     }
     let generation = views.generation(agent_id);
-    let queried = state
-        .store
-        .desired_for_agent(agent_id, since_sequence)
-        .await?;
-    let view = Arc::new(AgentView::new(since_sequence, queried.entries));
+    let entries = state
+        .desired_states
+        .load(agent_id)
+        .await?
+        .unwrap_or_default();
+    let view = Arc::new(AgentView::new(since_sequence, entries));
     views.remember(agent_id, generation, view.clone());
     Ok(view)
+}
+
+/// Agents whose desired states are queried at once.
+const DESIRED_STATE_BATCH: usize = 500;
+
+fn desired_state_loader(store: Store, metrics: ApiMetrics) -> BatchLoader<Uuid, Vec<DesiredEntry>> {
+    BatchLoader::new(
+        DESIRED_STATE_BATCH,
+        Box::new(move |agent_ids: Vec<Uuid>| {
+            let store = store.clone();
+            metrics.lookup_queried("desired_states");
+            async move { store.desired_for_agents(&agent_ids).await }.boxed()
+        }),
+    )
 }
 
 async fn deployment_object(

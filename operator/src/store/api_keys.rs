@@ -3,6 +3,7 @@
 //! agent's keys notifies `k:<agent id>` (trigger of migration 016), so every hub replica
 //! drops what it cached of that agent.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -259,10 +260,17 @@ impl Store {
         Ok(api_keys::Entity::find_by_id(id).one(&self.db).await?)
     }
 
-    /// The key with this prefix and its owner's state, in one statement (one probe of the
-    /// unique prefix index, one of the owner's primary key).
-    pub async fn find_key_holder(&self, prefix: &str) -> StoreResult<Option<KeyHolder>> {
-        Ok(KeyHolder::find_by_statement(statement(
+    /// The keys with these prefixes and their owners' state, by prefix, in one statement
+    /// (a probe of the unique prefix index and one of the owner's primary key per prefix).
+    /// Prefixes no key has are absent.
+    pub async fn find_key_holders(
+        &self,
+        prefixes: &[String],
+    ) -> StoreResult<HashMap<String, KeyHolder>> {
+        if prefixes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let holders = KeyHolder::find_by_statement(statement(
             "SELECT k.id AS key_id, k.agent_id, k.generator_id, k.prefix, k.key_hash, \
                     k.scopes, k.created_at AS issued_at, k.expires_at, k.revoked_at, \
                     COALESCE(a.name, g.name, '') AS owner_name, \
@@ -271,11 +279,15 @@ impl Store {
              FROM api_keys k \
              LEFT JOIN agents a ON a.id = k.agent_id \
              LEFT JOIN generators g ON g.id = k.generator_id \
-             WHERE k.prefix = $1",
-            [prefix.into()],
+             WHERE k.prefix IN (SELECT jsonb_array_elements_text($1::jsonb))",
+            [serde_json::json!(prefixes).into()],
         ))
-        .one(&self.db)
-        .await?)
+        .all(&self.db)
+        .await?;
+        Ok(holders
+            .into_iter()
+            .map(|holder| (holder.prefix.clone(), holder))
+            .collect())
     }
 
     /// Sets `last_used_at` of these keys to now, skipping keys used less than a minute ago

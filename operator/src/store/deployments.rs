@@ -152,7 +152,8 @@ ORDER BY t.agent_id, t.stack_id
 
 const DESIRED_FOR_AGENT: &str = desired_rows!("t.agent_id = $1");
 
-/// [`DESIRED_FOR_AGENT`] for a list of agents (the periodic re-validation of cached views).
+/// [`DESIRED_FOR_AGENT`] for a list of agents (first lookups in batches, and the periodic
+/// re-validation of cached views).
 const DESIRED_FOR_AGENTS: &str =
     desired_rows!("t.agent_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)");
 

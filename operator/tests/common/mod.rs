@@ -425,3 +425,52 @@ pub async fn agent_with_key(store: &Store, name: &str) -> (uuid::Uuid, String) {
         .unwrap();
     (agent.id, issued.key)
 }
+
+/// A generator's row, as its controller would sync it.
+pub async fn generator_row(store: &Store, name: &str) -> uuid::Uuid {
+    store
+        .upsert_generator(&brokkr_operator::store::GeneratorSync {
+            resource_uid: uuid::Uuid::new_v4(),
+            name,
+            description: None,
+            is_active: true,
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+/// A stack of `generator` holding `yaml`, targeted at `agents`, as the controllers would
+/// sync it; its id.
+pub async fn targeted_stack(
+    store: &Store,
+    generator: uuid::Uuid,
+    name: &str,
+    yaml: &str,
+    agents: &std::collections::BTreeSet<uuid::Uuid>,
+) -> uuid::Uuid {
+    use sha2::Digest;
+    let checksum = hex::encode(sha2::Sha256::digest(yaml));
+    let synced = store
+        .sync_stack(&brokkr_operator::store::StackSync {
+            resource_uid: uuid::Uuid::new_v4(),
+            name,
+            description: None,
+            generator_id: generator,
+            labels: None,
+            annotations: None,
+            content: Some(brokkr_operator::store::StackContent {
+                yaml,
+                checksum: &checksum,
+            }),
+            author: None,
+            progressive: false,
+        })
+        .await
+        .unwrap();
+    store
+        .replace_stack_targets(synced.stack.id, agents)
+        .await
+        .unwrap();
+    synced.stack.id
+}
