@@ -131,7 +131,9 @@ pub struct AgentStatus {
     #[schemars(schema_with = "crate::schema::non_nullable::<AgentPhase>")]
     pub phase: Option<AgentPhase>,
 
-    /// When the agent last sent a heartbeat.
+    /// When the agent last sent a heartbeat, to within five minutes: it is rewritten when
+    /// that stale or with any other change of the status, not on every heartbeat. The
+    /// `Online` condition says at once whether heartbeats arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
 

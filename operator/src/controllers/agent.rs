@@ -19,7 +19,7 @@ use super::{
     with_finalizer, write_status,
 };
 use crate::entity::agents;
-use crate::status::{now, to_time};
+use crate::status::{now, status_changed, to_time, whole_seconds};
 use crate::store::audit::{AuditEntry, AuditResource, actions};
 use crate::store::{AgentSync, KeyOwner, StoreError};
 
@@ -135,7 +135,7 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
         namespace: ctx.config.namespace.clone(),
     });
     status.version = row.agent_version.clone();
-    status.last_heartbeat = row.last_heartbeat.and_then(to_time);
+    status.last_heartbeat = row.last_heartbeat.and_then(to_time).map(whole_seconds);
     let presence = presence(agent.spec.suspend, &row);
     status.phase = Some(presence.phase);
     let ready = if agent.spec.suspend {
@@ -190,8 +190,37 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
         )
         .await;
     }
+    hold_heartbeat(&previous, &mut status);
     write_status(&api, &*agent, Some(&previous), &status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// How stale `status.lastHeartbeat` may get before it is written again. Heartbeats come
+/// every 15 s: showing each would rewrite every Agent's status on every refresh (167
+/// writes a second at 10,000 agents) and wake every watcher of Agents; whether heartbeats
+/// arrive is the `Online` condition, written the moment it changes.
+pub const HEARTBEAT_SHOWN_EVERY: Duration = Duration::from_secs(300);
+
+/// Keeps the `lastHeartbeat` shown when it is all that changed and by less than
+/// [`HEARTBEAT_SHOWN_EVERY`]; any other change shows the exact one with it.
+fn hold_heartbeat(previous: &AgentStatus, status: &mut AgentStatus) {
+    let (Some(shown), Some(heard)) = (&previous.last_heartbeat, &status.last_heartbeat) else {
+        return;
+    };
+    let newer_by = heard.0.as_second() - shown.0.as_second();
+    let only_heartbeat = !status_changed(
+        &AgentStatus {
+            last_heartbeat: None,
+            ..previous.clone()
+        },
+        &AgentStatus {
+            last_heartbeat: None,
+            ..status.clone()
+        },
+    );
+    if only_heartbeat && (0..HEARTBEAT_SHOWN_EVERY.as_secs() as i64).contains(&newer_by) {
+        status.last_heartbeat = Some(shown.clone());
+    }
 }
 
 /// A condition's status, reason and message.
@@ -364,6 +393,8 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
     use super::*;
 
     fn row(status: &str, message: Option<&str>, heard: bool) -> agents::Model {
@@ -383,6 +414,41 @@ mod tests {
             agent_version: None,
             resource_uid: None,
         }
+    }
+
+    fn at(second: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(second).unwrap())
+    }
+
+    #[test]
+    fn last_heartbeat_is_rewritten_only_with_another_change_or_once_it_is_minutes_stale() {
+        let shown = AgentStatus {
+            phase: Some(AgentPhase::Online),
+            last_heartbeat: Some(at(1_000)),
+            ..AgentStatus::default()
+        };
+        let shown_after = |heard: i64, phase: AgentPhase| {
+            let mut status = AgentStatus {
+                phase: Some(phase),
+                last_heartbeat: Some(at(heard)),
+                ..shown.clone()
+            };
+            hold_heartbeat(&shown, &mut status);
+            status.last_heartbeat.unwrap().0.as_second()
+        };
+        assert_eq!(shown_after(1_015, AgentPhase::Online), 1_000, "held");
+        assert_eq!(shown_after(1_299, AgentPhase::Online), 1_000, "held");
+        assert_eq!(shown_after(1_300, AgentPhase::Online), 1_300, "stale");
+        assert_eq!(
+            shown_after(1_015, AgentPhase::Offline),
+            1_015,
+            "with a change"
+        );
+        assert_eq!(
+            shown_after(900, AgentPhase::Online),
+            900,
+            "the row went back"
+        );
     }
 
     #[test]
