@@ -92,6 +92,22 @@ impl ControllerConfig {
     }
 }
 
+impl Context {
+    /// The Generator `name` in `namespace`: from the cache of the Stack controller's
+    /// Generator watch, else (not seen yet, as right after its creation) from the API.
+    async fn generator(&self, namespace: &str, name: &str) -> Result<Option<Arc<Generator>>> {
+        let cached = self
+            .caches
+            .generators
+            .get(&ObjectRef::new(name).within(namespace));
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let api: Api<Generator> = Api::namespaced(self.client.clone(), namespace);
+        Ok(api.get_opt(name).await?.map(Arc::new))
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -158,6 +174,9 @@ struct Caches {
     agents: Cache<Agent>,
     agent_targets: Cache<AgentTarget>,
     stacks: Cache<Stack>,
+    /// Generators as the Stack controller's Generator watch last saw them: filled before
+    /// that watch triggers a Stack, so a reconcile it triggers reads what triggered it.
+    generators: Cache<Generator>,
     /// Hub Namespaces, for their labels (`spec.targetableFrom.namespaceSelector`).
     namespaces: Cache<Namespace>,
     agents_listed: Listed,
@@ -446,10 +465,12 @@ pub async fn run(
         RECOUNT_DELAY,
     )));
 
+    let (generator_cache, generator_writer) = kube::runtime::reflector::store();
     let caches = Caches {
         agents: agents.store(),
         agent_targets: agent_targets.store(),
         stacks: stacks.store(),
+        generators: generator_cache,
         namespaces,
         agents_listed,
         stacks_listed,
@@ -510,7 +531,7 @@ pub async fn run(
     // Generator each time one more is counted.
     let generator_changes = {
         use kube::runtime::WatchStreamExt;
-        watcher(generators_api, watch.clone())
+        kube::runtime::reflector(generator_writer, watcher(generators_api, watch.clone()))
             .touched_objects()
             .predicate_filter(generator_as_stacks_see_it, Default::default())
     };

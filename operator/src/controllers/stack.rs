@@ -81,8 +81,10 @@ async fn adopt(stack: Arc<Stack>, ctx: &Context, api: &Api<Stack>) -> Result<Arc
     let namespace = stack
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
-    let generators: Api<Generator> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(generator) = generators.get_opt(&stack.spec.generator_ref.name).await? else {
+    let Some(generator) = ctx
+        .generator(&namespace, &stack.spec.generator_ref.name)
+        .await?
+    else {
         return Ok(stack);
     };
     Ok(Arc::new(patch_metadata(&stack, &generator, api).await?))
@@ -137,13 +139,12 @@ async fn apply(stack: Arc<Stack>, ctx: &Context, api: Api<Stack>) -> Result<Acti
     let namespace = stack
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
-    let generators: Api<Generator> = Api::namespaced(ctx.client.clone(), &namespace);
     let generator_name = &stack.spec.generator_ref.name;
-    let generator = generators.get_opt(generator_name).await?;
+    let generator = ctx.generator(&namespace, generator_name).await?;
     let generator_row = match &generator {
         Some(generator) => {
             ctx.store
-                .find_live_generator_by_resource(resource_uid(generator)?)
+                .find_live_generator_by_resource(resource_uid(&**generator)?)
                 .await?
         }
         None => None,
