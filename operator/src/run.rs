@@ -115,6 +115,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             },
         )
         .with_metrics(metrics.api.clone())
+        .with_shutdown(stop.clone())
         .with_cluster_access(api::ClusterAccess {
             client: client.clone(),
             namespace: args.namespace(),

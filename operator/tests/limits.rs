@@ -109,6 +109,55 @@ const LIMITS: ServeLimits = ServeLimits {
     grace: Duration::from_secs(1),
 };
 
+#[tokio::test]
+async fn a_stopping_hub_answers_its_parked_long_polls_at_once_instead_of_after_the_grace_period() {
+    let f = Fixture::new(ApiConfig::default()).await;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let changes = ChangeFeed::default();
+    let app = api::app(
+        ApiState::new(f.store.clone(), changes, ApiConfig::default()).with_shutdown(stopping),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut stopped = stop.subscribe();
+    let server = tokio::spawn(api::serve(
+        listener,
+        app,
+        None,
+        ServeLimits {
+            grace: Duration::from_secs(10),
+            ..LIMITS
+        },
+        f.metrics.api.clone(),
+        async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        },
+    ));
+    let cursor = f.cursor().await;
+    let mut parked = TcpStream::connect(addr).await.unwrap();
+    let long_poll = format!("/api/v1/agent/desired?since={cursor}&wait=30");
+    send_get(&mut parked, &long_poll, &f.key).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let stopping_at = Instant::now();
+    stop.send(true).unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(2), read_response(&mut parked))
+        .await
+        .expect("answered at once")
+        .expect("answered, not cut");
+    assert_eq!(status, 200);
+    let state: DesiredState = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        state.cursor, cursor,
+        "nothing changed: the agent asks again"
+    );
+    tokio::time::timeout(Duration::from_secs(3), server)
+        .await
+        .expect("serve returns without waiting out the grace period")
+        .unwrap();
+    assert!(stopping_at.elapsed() < Duration::from_secs(3));
+}
+
 async fn send_get(stream: &mut TcpStream, path: &str, key: &str) {
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\r\n");

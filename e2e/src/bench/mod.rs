@@ -314,17 +314,19 @@ impl Bench {
     }
 
     pub async fn start_hub(&self, db: &TestDb) -> Result<Hub, BenchError> {
-        self.start_hub_at(db, None).await
+        let mut hub = self.spawn_hub(db, None)?;
+        hub.wait_until_serving().await?;
+        Ok(hub)
     }
 
-    /// A hub serving the agent API at `api` (a free port when `None`).
-    pub async fn start_hub_at(
+    /// A hub to serve the agent API at `api` (a free port when `None`), not waited for.
+    pub fn spawn_hub(
         &self,
         db: &TestDb,
         api: Option<std::net::SocketAddr>,
     ) -> Result<Hub, BenchError> {
         let n = self.hubs.fetch_add(1, Ordering::Relaxed);
-        Hub::start(
+        Hub::spawn(
             &self.binaries.operator,
             db.url(),
             self.cluster.kubeconfig(),
@@ -332,7 +334,6 @@ impl Bench {
             &format!("hub-{n:02}"),
             api,
         )
-        .await
     }
 
     /// Starts `seed`'s agents long-polling `hub` and sending heartbeats, ramped up, and

@@ -237,8 +237,9 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts a hub serving the agent API at `api` (a free port when `None`).
-    pub async fn start(
+    /// Starts a hub without waiting for it: its agent API at `api` (a free port when
+    /// `None`).
+    pub fn spawn(
         binary: &Path,
         database_url: &str,
         kubeconfig: &Path,
@@ -261,21 +262,26 @@ impl Hub {
             ("BROKKR_HEARTBEAT_INTERVAL", "15s".to_owned()),
             ("POD_NAME", name.to_owned()),
         ];
-        let mut process = ChildProcess::spawn(name, binary, &env, log_dir)?;
-        process
-            .wait_until_serving(&format!("http://{metrics}/readyz"), Duration::from_secs(60))
-            .await?;
-        process
-            .wait_until_serving(
-                &format!("http://{api}/api/v1/openapi.json"),
-                Duration::from_secs(10),
-            )
-            .await?;
+        let process = ChildProcess::spawn(name, binary, &env, log_dir)?;
         Ok(Hub {
             process,
             api,
             metrics,
         })
+    }
+
+    /// Waits until the hub is ready and its agent API answers.
+    pub async fn wait_until_serving(&mut self) -> Result<(), BenchError> {
+        let (api, metrics) = (self.api, self.metrics);
+        self.process
+            .wait_until_serving(&format!("http://{metrics}/readyz"), Duration::from_secs(60))
+            .await?;
+        self.process
+            .wait_until_serving(
+                &format!("http://{api}/api/v1/openapi.json"),
+                Duration::from_secs(30),
+            )
+            .await
     }
 
     pub fn pid(&self) -> u32 {

@@ -34,6 +34,7 @@ use futures::FutureExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use auth::{AuthCache, Authenticated, AuthenticatedAgent, PresentedKey, authenticate};
@@ -118,6 +119,10 @@ pub struct ApiState {
     /// apply Stacks (501).
     cluster_access: Option<Arc<ClusterAccess>>,
     metrics: ApiMetrics,
+    /// Becomes `true` when the hub stops: parked long-polls answer at once, so their agents
+    /// ask again (another replica, or this hub once restarted) instead of waiting out the
+    /// shutdown's grace period.
+    stopping: watch::Receiver<bool>,
 }
 
 impl ApiState {
@@ -137,7 +142,14 @@ impl ApiState {
             cluster_access: None,
             config: Arc::new(config),
             metrics,
+            stopping: watch::channel(false).1,
         }
+    }
+
+    /// Answers parked long-polls as soon as `stopping` is `true`.
+    pub fn with_shutdown(mut self, stopping: watch::Receiver<bool>) -> ApiState {
+        self.stopping = stopping;
+        self
     }
 
     /// Lets agents renew their keys (`POST /api/v1/agent/key`: the Agent resources and the
@@ -276,7 +288,8 @@ async fn desired(
     let since = query.since.as_deref().map(Cursor::parse).transpose()?;
     let since_sequence = since.as_ref().map_or(0, |c| c.sequence);
     let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(state.config.max_wait);
-    let deadline = tokio::time::Instant::now() + wait;
+    let mut deadline = tokio::time::Instant::now() + wait;
+    let mut stopping = state.stopping.clone();
     // Subscribe before reading, so a change between the read and the wait is not lost.
     let mut wake = state.changes.views().subscribe(agent.id);
     loop {
@@ -297,6 +310,10 @@ async fn desired(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
+            // Without a sender (no shutdown wired) the branch is disabled.
+            Ok(_) = stopping.wait_for(|stopping| *stopping) => {
+                deadline = tokio::time::Instant::now();
+            }
         }
     }
 }
