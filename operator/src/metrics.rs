@@ -291,10 +291,11 @@ impl ApiMetrics {
             .inc();
     }
 
-    pub fn lookup_queried(&self, lookup: &'static str) {
+    /// The counter of `lookup`'s queries.
+    pub fn lookup_queries_of(&self, lookup: &'static str) -> Counter {
         self.lookup_queries
             .get_or_create(&LookupLabels { lookup })
-            .inc();
+            .clone()
     }
 
     pub fn key_looked_up(&self, result: &'static str) {

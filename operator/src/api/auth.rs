@@ -12,18 +12,15 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use futures::FutureExt;
 use moka::sync::Cache;
 use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
 
-use super::batch::BatchLoader;
 use super::limits::{KeyLimiter, RateLimit, UnknownKeyLimiter, retry_after_seconds};
 use super::{ApiError, ApiState};
 use crate::keys::{Scope, key_matches, key_prefix};
-use crate::metrics::ApiMetrics;
-use crate::store::{KeyHolder, KeyOwner, Store};
+use crate::store::{KeyHolder, KeyOwner};
 
 /// The agent a request comes from, and the key it presented.
 #[derive(Clone, Debug)]
@@ -311,7 +308,7 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
     }
     // Taken before the batch's query reads the row.
     let generation = auth.generation();
-    let Some(holder) = state.key_holders.load(prefix.to_owned()).await? else {
+    let Some(holder) = state.lookups.key_holders.load(prefix.to_owned()).await? else {
         state.metrics.key_looked_up("unknown");
         state.limits.unknown_keys.found_nothing(Instant::now());
         auth.put_unknown(prefix, generation);
@@ -320,21 +317,6 @@ async fn look_up(state: &ApiState, prefix: &str) -> Result<CachedAgent, ApiError
     state.metrics.key_looked_up("found");
     auth.put(prefix, holder.clone(), generation);
     Ok(holder)
-}
-
-/// Prefixes looked up in one query.
-pub const KEY_LOOKUP_BATCH: usize = 1000;
-
-/// Looks up [`KEY_LOOKUP_BATCH`] prefixes at a time.
-pub fn key_holder_loader(store: Store, metrics: ApiMetrics) -> BatchLoader<String, CachedAgent> {
-    BatchLoader::new(
-        KEY_LOOKUP_BATCH,
-        Box::new(move |prefixes: Vec<String>| {
-            let store = store.clone();
-            metrics.lookup_queried("keys");
-            async move { store.find_key_holders(&prefixes).await }.boxed()
-        }),
-    )
 }
 
 /// The limits [`AuthenticatedAgent`] applies, shared by every request.

@@ -6,17 +6,20 @@
 //! a burst costs a few queries and the pool stays free for everything else.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
 
 use super::ApiError;
 use crate::store::StoreError;
 
 /// Loads the values of many keys in one query; keys without a value are absent.
-pub type LoadMany<K, V> =
+type LoadMany<K, V> =
     Box<dyn Fn(Vec<K>) -> BoxFuture<'static, Result<HashMap<K, V>, StoreError>> + Send + Sync>;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -38,9 +41,20 @@ type Answer<V> = oneshot::Sender<Result<Option<V>, BatchError>>;
 
 /// Coalesces lookups of single keys into queries for many: at most one query runs at a
 /// time, for up to `max_batch` keys, and every caller waiting for a key gets its answer.
-pub struct BatchLoader<K, V> {
+/// Clones share their batches.
+pub struct BatchLoader<K, V>(Arc<Loader<K, V>>);
+
+impl<K, V> Clone for BatchLoader<K, V> {
+    fn clone(&self) -> Self {
+        BatchLoader(self.0.clone())
+    }
+}
+
+struct Loader<K, V> {
     load_many: LoadMany<K, V>,
     max_batch: usize,
+    /// Counts the queries made.
+    queries: Counter,
     pending: Mutex<Pending<K, V>>,
 }
 
@@ -55,32 +69,49 @@ where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + 'static,
 {
-    pub fn new(max_batch: usize, load_many: LoadMany<K, V>) -> BatchLoader<K, V> {
-        BatchLoader {
-            load_many,
+    /// Loads with `load_many`, up to `max_batch` keys a query, counting each in `queries`.
+    pub fn new<F, Fut>(max_batch: usize, queries: Counter, load_many: F) -> BatchLoader<K, V>
+    where
+        F: Fn(Vec<K>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, StoreError>> + Send + 'static,
+    {
+        BatchLoader(Arc::new(Loader {
+            load_many: Box::new(move |keys| load_many(keys).boxed()),
             max_batch: max_batch.max(1),
+            queries,
             pending: Mutex::new(Pending {
                 waiting: HashMap::new(),
                 draining: false,
             }),
-        }
+        }))
     }
 
     /// The value of `key` (`None` when it has none), from the next batch. The batch runs
     /// on a task of its own, so a caller that gives up does not stall the others.
-    pub async fn load(self: &Arc<Self>, key: K) -> Result<Option<V>, BatchError> {
+    pub async fn load(&self, key: K) -> Result<Option<V>, BatchError> {
         let (answer, answered) = oneshot::channel();
         let start_draining = {
-            let mut pending = super::lock(&self.pending);
+            let mut pending = super::lock(&self.0.pending);
             pending.waiting.entry(key).or_default().push(answer);
             !std::mem::replace(&mut pending.draining, true)
         };
         if start_draining {
-            tokio::spawn(self.clone().drain());
+            tokio::spawn(self.0.clone().drain());
         }
         answered.await.unwrap_or(Err(BatchError::Abandoned))
     }
 
+    #[cfg(test)]
+    fn is_draining(&self) -> bool {
+        super::lock(&self.0.pending).draining
+    }
+}
+
+impl<K, V> Loader<K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + 'static,
+{
     async fn drain(self: Arc<Self>) {
         let mut guard = DrainGuard {
             loader: &self,
@@ -97,6 +128,7 @@ where
                 take_batch(&mut pending.waiting, self.max_batch)
             };
             let keys = batch.iter().map(|(key, _)| key.clone()).collect();
+            self.queries.inc();
             match (self.load_many)(keys).await {
                 Ok(mut found) => {
                     for (key, answers) in batch {
@@ -114,11 +146,6 @@ where
                 }
             }
         }
-    }
-
-    #[cfg(test)]
-    fn is_draining(&self) -> bool {
-        super::lock(&self.pending).draining
     }
 }
 
@@ -140,7 +167,7 @@ fn take_batch<K: Eq + Hash + Clone, A>(
 /// answered [`BatchError::Abandoned`] (their senders drop) and the next caller starts a
 /// new task, instead of every later lookup waiting for a task that is gone.
 struct DrainGuard<'a, K, V> {
-    loader: &'a BatchLoader<K, V>,
+    loader: &'a Loader<K, V>,
     finished: bool,
 }
 
@@ -159,34 +186,28 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use futures::FutureExt;
-
     use super::*;
 
     /// A loader that knows even numbers, records each batch it was asked, and takes
     /// `delay` per query.
-    fn evens(delay: Duration, batches: Arc<Mutex<Vec<Vec<u32>>>>) -> Arc<BatchLoader<u32, u32>> {
-        Arc::new(BatchLoader::new(
-            3,
-            Box::new(move |keys: Vec<u32>| {
-                let batches = batches.clone();
-                async move {
-                    tokio::time::sleep(delay).await;
-                    let mut sorted = keys.clone();
-                    sorted.sort_unstable();
-                    batches.lock().unwrap().push(sorted);
-                    if keys.contains(&13) {
-                        return Err(StoreError::not_found("13"));
-                    }
-                    Ok(keys
-                        .into_iter()
-                        .filter(|k| k % 2 == 0)
-                        .map(|k| (k, k * 10))
-                        .collect())
+    fn evens(delay: Duration, batches: Arc<Mutex<Vec<Vec<u32>>>>) -> BatchLoader<u32, u32> {
+        BatchLoader::new(3, Counter::default(), move |keys: Vec<u32>| {
+            let batches = batches.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                batches.lock().unwrap().push(sorted);
+                if keys.contains(&13) {
+                    return Err(StoreError::not_found("13"));
                 }
-                .boxed()
-            }),
-        ))
+                Ok(keys
+                    .into_iter()
+                    .filter(|k| k % 2 == 0)
+                    .map(|k| (k, k * 10))
+                    .collect())
+            }
+        })
     }
 
     #[tokio::test]
@@ -223,21 +244,19 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_query_abandons_its_callers_without_stalling_later_ones() {
         let calls = Arc::new(AtomicUsize::new(0));
-        let loader = Arc::new(BatchLoader::<u32, u32>::new(
-            10,
-            Box::new({
-                let calls = calls.clone();
-                move |keys: Vec<u32>| {
-                    let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-                    async move {
-                        assert!(!first, "the first query fails hard");
-                        Ok(keys.into_iter().map(|k| (k, k)).collect())
-                    }
-                    .boxed()
+        let queries = Counter::default();
+        let loader = BatchLoader::<u32, u32>::new(10, queries.clone(), {
+            let calls = calls.clone();
+            move |keys: Vec<u32>| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    assert!(!first, "the first query fails hard");
+                    Ok(keys.into_iter().map(|k| (k, k)).collect())
                 }
-            }),
-        ));
+            }
+        });
         assert!(matches!(loader.load(1).await, Err(BatchError::Abandoned)));
         assert_eq!(loader.load(1).await.unwrap(), Some(1));
+        assert_eq!(queries.get(), 2);
     }
 }

@@ -30,7 +30,6 @@ use brokkr_crds::wire::{
     self, AgentEvent, DeploymentObject, DesiredStack, EventBatch, EventBatchResult, Heartbeat,
     HeartbeatAck, MAX_EVENTS_PER_BATCH, MAX_WAIT_SECONDS,
 };
-use futures::FutureExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -111,9 +110,7 @@ pub struct ApiState {
     config: Arc<ApiConfig>,
     limits: Arc<AuthLimits>,
     key_use: Arc<key_lifecycle::KeyUse>,
-    /// First-time lookups of keys and of agents' desired states, in batches.
-    key_holders: Arc<BatchLoader<String, KeyHolder>>,
-    desired_states: Arc<BatchLoader<Uuid, Vec<DesiredEntry>>>,
+    lookups: FirstLookups,
     auth_failures: Arc<auth_failures::AuthFailures>,
     /// Without it, agents cannot renew their keys here and the generator API cannot
     /// apply Stacks (501).
@@ -130,8 +127,7 @@ impl ApiState {
     pub fn new(store: Store, changes: ChangeFeed, config: ApiConfig) -> ApiState {
         let metrics = ApiMetrics::default();
         ApiState {
-            key_holders: Arc::new(auth::key_holder_loader(store.clone(), metrics.clone())),
-            desired_states: Arc::new(desired_state_loader(store.clone(), metrics.clone())),
+            lookups: FirstLookups::new(&store, &metrics),
             store,
             changes,
             objects: Arc::new(ObjectCache::new(OBJECT_CACHE_BYTES)),
@@ -165,8 +161,7 @@ impl ApiState {
         self.heartbeats = Arc::new(Heartbeats::counting_drops_in(
             metrics.heartbeats_dropped.clone(),
         ));
-        self.key_holders = Arc::new(auth::key_holder_loader(self.store.clone(), metrics.clone()));
-        self.desired_states = Arc::new(desired_state_loader(self.store.clone(), metrics.clone()));
+        self.lookups = FirstLookups::new(&self.store, &metrics);
         self.metrics = metrics;
         self
     }
@@ -331,6 +326,7 @@ async fn current_view(
     }
     let generation = views.generation(agent_id);
     let entries = state
+        .lookups
         .desired_states
         .load(agent_id)
         .await?
@@ -340,18 +336,39 @@ async fn current_view(
     Ok(view)
 }
 
-/// Agents whose desired states are queried at once.
+/// First-time lookups of keys and of agents' desired states, in batches (see [`batch`]).
+#[derive(Clone)]
+struct FirstLookups {
+    key_holders: BatchLoader<String, KeyHolder>,
+    desired_states: BatchLoader<Uuid, Vec<DesiredEntry>>,
+}
+
+/// Key prefixes, and agents whose desired states, are looked up in one query.
+const KEY_LOOKUP_BATCH: usize = 1000;
 const DESIRED_STATE_BATCH: usize = 500;
 
-fn desired_state_loader(store: Store, metrics: ApiMetrics) -> BatchLoader<Uuid, Vec<DesiredEntry>> {
-    BatchLoader::new(
-        DESIRED_STATE_BATCH,
-        Box::new(move |agent_ids: Vec<Uuid>| {
-            let store = store.clone();
-            metrics.lookup_queried("desired_states");
-            async move { store.desired_for_agents(&agent_ids).await }.boxed()
-        }),
-    )
+impl FirstLookups {
+    fn new(store: &Store, metrics: &ApiMetrics) -> FirstLookups {
+        let (keys_store, desired_store) = (store.clone(), store.clone());
+        FirstLookups {
+            key_holders: BatchLoader::new(
+                KEY_LOOKUP_BATCH,
+                metrics.lookup_queries_of("keys"),
+                move |prefixes: Vec<String>| {
+                    let store = keys_store.clone();
+                    async move { store.find_key_holders(&prefixes).await }
+                },
+            ),
+            desired_states: BatchLoader::new(
+                DESIRED_STATE_BATCH,
+                metrics.lookup_queries_of("desired_states"),
+                move |agent_ids: Vec<Uuid>| {
+                    let store = desired_store.clone();
+                    async move { store.desired_for_agents(&agent_ids).await }
+                },
+            ),
+        }
+    }
 }
 
 async fn deployment_object(

@@ -199,7 +199,7 @@ async fn apply(agent: Arc<Agent>, ctx: &Context, api: Api<Agent>) -> Result<Acti
 /// every 15 s: showing each would rewrite every Agent's status on every refresh (167
 /// writes a second at 10,000 agents) and wake every watcher of Agents; whether heartbeats
 /// arrive is the `Online` condition, written the moment it changes.
-pub const HEARTBEAT_SHOWN_EVERY: Duration = Duration::from_secs(300);
+const HEARTBEAT_SHOWN_EVERY: Duration = Duration::from_secs(300);
 
 /// Keeps the `lastHeartbeat` shown when it is all that changed and by less than
 /// [`HEARTBEAT_SHOWN_EVERY`]; any other change shows the exact one with it.
@@ -208,18 +208,11 @@ fn hold_heartbeat(previous: &AgentStatus, status: &mut AgentStatus) {
         return;
     };
     let newer_by = heard.0.as_second() - shown.0.as_second();
-    let only_heartbeat = !status_changed(
-        &AgentStatus {
-            last_heartbeat: None,
-            ..previous.clone()
-        },
-        &AgentStatus {
-            last_heartbeat: None,
-            ..status.clone()
-        },
-    );
-    if only_heartbeat && (0..HEARTBEAT_SHOWN_EVERY.as_secs() as i64).contains(&newer_by) {
-        status.last_heartbeat = Some(shown.clone());
+    let heard = status.last_heartbeat.replace(shown.clone());
+    let held = (0..HEARTBEAT_SHOWN_EVERY.as_secs() as i64).contains(&newer_by)
+        && !status_changed(previous, status);
+    if !held {
+        status.last_heartbeat = heard;
     }
 }
 
